@@ -1,0 +1,53 @@
+"""The exception hierarchy of fusionkit.
+
+Every error fusionkit raises on purpose derives from :class:`FusionkitError`, so callers can
+catch one type. Subclasses also derive from the built-in type callers already expect
+(``ValueError`` for bad values, ``KeyError`` for unknown names, ``FileNotFoundError`` for
+missing files), so ``except ValueError`` keeps working.
+
+This module imports nothing of fusionkit: every layer may use it.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DataError",
+    "FusionkitError",
+    "MissingDependencyError",
+    "RegistryError",
+    "ShapeError",
+]
+
+
+class FusionkitError(Exception):
+    """Base class of every error fusionkit raises deliberately."""
+
+
+class RegistryError(FusionkitError, KeyError):
+    """An unknown component kind or name, or a name registered twice."""
+
+    def __str__(self) -> str:
+        # KeyError quotes its message; show it as written.
+        return str(self.args[0]) if self.args else ""
+
+
+class ShapeError(FusionkitError, ValueError):
+    """A tensor argument has the wrong rank, size, dtype or batch size."""
+
+
+class ConfigError(FusionkitError, ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+class DataError(FusionkitError, ValueError):
+    """A data set, manifest or sample cannot be read as asked."""
+
+
+class CheckpointError(FusionkitError, ValueError):
+    """A checkpoint is missing, corrupt, or does not match the model."""
+
+
+class MissingDependencyError(FusionkitError, ImportError):
+    """An optional package or an offline weight package is not installed."""
