@@ -11,6 +11,7 @@ This module imports nothing of fusionkit: every layer may use it.
 from __future__ import annotations
 
 __all__ = [
+    "BackendUnavailableError",
     "CheckpointError",
     "ConfigError",
     "DataError",
@@ -51,3 +52,7 @@ class CheckpointError(FusionkitError, ValueError):
 
 class MissingDependencyError(FusionkitError, ImportError):
     """An optional package or an offline weight package is not installed."""
+
+
+class BackendUnavailableError(FusionkitError, RuntimeError):
+    """An attention backend was asked for where it cannot run (the message says why)."""

@@ -254,7 +254,9 @@ def list_components(kind: str, pattern: str = "*") -> list[str]: ...
 def list_components(kind: None = None, pattern: str = "*") -> dict[str, list[str]]: ...
 
 
-def list_components(kind: str | None = None, pattern: str = "*") -> list[str] | dict[str, list[str]]:
+def list_components(
+    kind: str | None = None, pattern: str = "*"
+) -> list[str] | dict[str, list[str]]:
     """List registered names, filtered with ``fnmatch`` wildcards.
 
     Args:

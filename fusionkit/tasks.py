@@ -71,7 +71,9 @@ class TaskSpec:
 
     def class_names(self) -> tuple[str, ...]:
         """The class names, or ``("0", "1", ...)`` when none were given."""
-        return self.classes if self.classes is not None else tuple(map(str, range(self.num_classes)))
+        return (
+            self.classes if self.classes is not None else tuple(map(str, range(self.num_classes)))
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict that :func:`parse_tasks` reads back."""
@@ -103,7 +105,9 @@ def parse_tasks(tasks: Mapping[str, Any], path: str = "tasks") -> dict[str, Task
         ConfigError: A task is malformed; the message names its key path.
     """
     if not isinstance(tasks, Mapping) or not tasks:
-        raise ConfigError(f"{path}: expected a non-empty mapping of task name to task, got {tasks!r}")
+        raise ConfigError(
+            f"{path}: expected a non-empty mapping of task name to task, got {tasks!r}"
+        )
     parsed: dict[str, TaskSpec] = {}
     for name, spec in tasks.items():
         where = f"{path}.{name}"
@@ -141,5 +145,7 @@ def parse_tasks(tasks: Mapping[str, Any], path: str = "tasks") -> dict[str, Task
                 raise ConfigError(f"{where}: give 'classes' or 'num_classes'")
         except ConfigError as error:
             message = str(error)
-            raise ConfigError(message if message.startswith(where) else f"{where}: {message}") from None
+            raise ConfigError(
+                message if message.startswith(where) else f"{where}: {message}"
+            ) from None
     return parsed

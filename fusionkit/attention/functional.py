@@ -1,0 +1,239 @@
+"""Scaled dot-product attention over padded batches, on three interchangeable backends.
+
+``math`` is the plain reference (einsum + softmax, the only one that can return the attention
+probabilities); ``sdpa`` is ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels
+on CPU and CUDA); ``xformers`` is ``xformers.ops.memory_efficient_attention`` (CUDA only).
+xformers is imported lazily, on the first CUDA call, so CPU users never pay for it.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fusionkit.errors import BackendUnavailableError, ShapeError
+
+__all__ = [
+    "BACKENDS",
+    "Backend",
+    "attention",
+    "attention_probabilities",
+    "resolve_backend",
+    "xformers_unavailable_reason",
+]
+
+Backend = Literal["auto", "xformers", "sdpa", "math"]
+BACKENDS: tuple[str, ...] = ("xformers", "sdpa", "math")
+_XFORMERS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@functools.cache
+def _xformers_import_error() -> str | None:
+    try:
+        import xformers.ops  # noqa: F401
+    except Exception as error:  # any import failure means "not usable here"
+        return f"xformers cannot be imported ({type(error).__name__}: {error})"
+    return None
+
+
+def xformers_unavailable_reason(tensor: Tensor) -> str | None:
+    """Why the xformers backend cannot run on ``tensor``, or ``None`` if it can.
+
+    Args:
+        tensor: A query tensor; its device and dtype decide.
+
+    Returns:
+        A one-line reason, or ``None`` when xformers can run.
+    """
+    if tensor.device.type != "cuda":
+        return f"xformers kernels run on CUDA only and the tensors are on {tensor.device.type}"
+    if tensor.dtype not in _XFORMERS_DTYPES:
+        return f"xformers supports float16, bfloat16 and float32, not {tensor.dtype}"
+    return _xformers_import_error()
+
+
+def resolve_backend(backend: str, query: Tensor) -> str:
+    """Turn a backend request into the backend that will run.
+
+    ``auto`` picks ``xformers`` for CUDA tensors when xformers is importable and supports the
+    dtype, and ``sdpa`` otherwise.
+
+    Args:
+        backend: ``"auto"``, ``"xformers"``, ``"sdpa"`` or ``"math"``.
+        query: The query tensor (its device and dtype decide ``auto``).
+
+    Returns:
+        One of :data:`BACKENDS`.
+
+    Raises:
+        ValueError: ``backend`` is not a known name.
+        BackendUnavailableError: ``xformers`` was asked for where it cannot run.
+
+    Example:
+        >>> resolve_backend("auto", torch.zeros(1, 4, 2, 8))
+        'sdpa'
+    """
+    if backend == "auto":
+        return "sdpa" if xformers_unavailable_reason(query) else "xformers"
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {('auto', *BACKENDS)}, got {backend!r}")
+    if backend == "xformers":
+        reason = xformers_unavailable_reason(query)
+        if reason:
+            raise BackendUnavailableError(f"attention backend 'xformers' cannot run: {reason}")
+    return backend
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ShapeError(f"{name} must have shape (B, L, H, D), got rank {t.dim()}")
+        if not t.is_floating_point():
+            raise ShapeError(f"{name} must be a floating-point tensor, got {t.dtype}")
+    if k.shape != v.shape:
+        raise ShapeError(
+            f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
+        )
+    if q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ShapeError(
+            f"q (B, Lq, H, D) and k (B, Lk, H, D) must agree on B, H and D, "
+            f"got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if mask is not None:
+        expected = (k.shape[0], k.shape[1])
+        if mask.dtype != torch.bool:
+            raise ShapeError(f"key_padding_mask must be a bool tensor, got {mask.dtype}")
+        if tuple(mask.shape) != expected:
+            raise ShapeError(
+                f"key_padding_mask must have shape (B, Lk) = {expected}, got {tuple(mask.shape)}"
+            )
+
+
+def _math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, p: float) -> Tensor:
+    probs = attention_probabilities(q, k, key_padding_mask=mask, scale=scale)
+    if p > 0:
+        probs = F.dropout(probs, p)
+    return torch.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, p: float) -> Tensor:
+    attn_mask = None if mask is None else mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2),
+        k.transpose(1, 2),
+        v.transpose(1, 2),
+        attn_mask=attn_mask,
+        dropout_p=p,
+        scale=scale,
+    )
+    return out.transpose(1, 2)
+
+
+def _xformers(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, p: float
+) -> Tensor:
+    import xformers.ops as xops
+
+    bias = None
+    if mask is not None:
+        batch, keys = mask.shape
+        # The CUDA kernels want the bias rows 8-aligned in memory: slice a wider buffer.
+        aligned = -(-keys // 8) * 8
+        buffer = torch.zeros(batch, 1, 1, aligned, dtype=q.dtype, device=q.device)
+        buffer[..., :keys].masked_fill_(~mask[:, None, None, :], float("-inf"))
+        bias = buffer[..., :keys].expand(batch, q.shape[2], q.shape[1], keys)
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, p=p, scale=scale)
+
+
+_KERNELS = {"math": _math, "sdpa": _sdpa, "xformers": _xformers}
+
+
+def attention_probabilities(
+    q: Tensor, k: Tensor, *, key_padding_mask: Tensor | None = None, scale: float | None = None
+) -> Tensor:
+    """The attention probabilities ``softmax(q kᵀ · scale)``, with padded keys excluded.
+
+    This is what the fused kernels never materialise; explanations use it.
+
+    Args:
+        q: Queries ``(B, Lq, H, D)``.
+        k: Keys ``(B, Lk, H, D)``.
+        key_padding_mask: ``(B, Lk)`` bool, True = real key. A query whose sample has no real
+            key gets all-zero probabilities.
+        scale: Logit scale, default ``1 / sqrt(D)``.
+
+    Returns:
+        Probabilities ``(B, H, Lq, Lk)``.
+    """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if key_padding_mask is None:
+        return scores.softmax(-1)
+    # A finite fill (not -inf) keeps fully padded rows free of NaN, in forward and backward.
+    keep = key_padding_mask[:, None, None, :]
+    scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    return scores.softmax(-1) * keep
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    key_padding_mask: Tensor | None = None,
+    backend: Backend | str = "auto",
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Multi-head scaled dot-product attention over a padded batch.
+
+    Args:
+        q: Queries ``(B, Lq, H, D)``.
+        k: Keys ``(B, Lk, H, D)``.
+        v: Values ``(B, Lk, H, D)``.
+        key_padding_mask: Optional ``(B, Lk)`` bool, True = real token. Padded keys get zero
+            weight; a sample with no real key at all gets a zero output (never NaN).
+        backend: ``"auto"`` (xformers on CUDA when it can run, else sdpa), ``"xformers"``,
+            ``"sdpa"`` or ``"math"`` (the plain reference).
+        scale: Logit scale, default ``1 / sqrt(D)``.
+        dropout_p: Dropout on the attention probabilities (pass 0 at evaluation).
+
+    Returns:
+        The attended values ``(B, Lq, H, D)``.
+
+    Raises:
+        ShapeError: Wrong ranks, mismatched batch/heads/head size, or a mask of the wrong
+            shape or dtype (a ``ValueError``).
+        BackendUnavailableError: ``backend="xformers"`` where xformers cannot run.
+
+    Example:
+        >>> q = k = v = torch.randn(2, 10, 4, 16)
+        >>> mask = torch.arange(10) < torch.tensor([[10], [6]])
+        >>> attention(q, k, v, key_padding_mask=mask).shape
+        torch.Size([2, 10, 4, 16])
+    """
+    _check_inputs(q, k, v, key_padding_mask)
+    chosen = resolve_backend(backend, q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    empty = None
+    mask = key_padding_mask
+    if mask is not None:
+        if bool(mask.all()):
+            mask = None
+        else:
+            # Samples without any real key would give NaN in the fused kernels: let them
+            # attend to everything, then zero their output.
+            empty = ~mask.any(dim=1)
+            if bool(empty.any()):
+                mask = mask | empty[:, None]
+            else:
+                empty = None
+    out = _KERNELS[chosen](q, k, v, mask, scale, dropout_p)
+    if empty is not None:
+        out = out.masked_fill(empty[:, None, None, None], 0.0)
+    return out

@@ -1,0 +1,204 @@
+"""Multi-task classification heads and their losses."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fusionkit.errors import ShapeError
+from fusionkit.registry import register
+from fusionkit.tasks import MISSING_LABEL, TaskSpec, parse_tasks
+
+__all__ = ["MultiTaskHead", "task_loss"]
+
+
+def task_loss(
+    logits: Tensor, target: Tensor, spec: TaskSpec, class_weight: Tensor | None = None
+) -> Tensor:
+    """The loss of one task over a batch, ignoring samples whose label is missing.
+
+    Single-label tasks use softmax cross-entropy (missing label = ``-100``); multi-label tasks
+    use sigmoid binary cross-entropy (missing label = a row containing NaN). A batch in which
+    every label is missing gives a zero loss that still depends on ``logits`` (so it can be
+    backpropagated and summed).
+
+    Args:
+        logits: ``(B, C)``.
+        target: ``(B,)`` int class indices, or ``(B, C)`` float multi-hot for multi-label.
+        spec: The task.
+        class_weight: Optional ``(C,)`` weights (CE class weights / BCE positive weights).
+
+    Returns:
+        A scalar tensor.
+
+    Raises:
+        ShapeError: The target has the wrong shape, dtype or an out-of-range class index.
+    """
+    if spec.multi_label:
+        if target.shape != logits.shape or not target.is_floating_point():
+            raise ShapeError(
+                f"multi-label target must be a float (B, C) = {tuple(logits.shape)} multi-hot "
+                f"tensor, got {target.dtype} {tuple(target.shape)}"
+            )
+        keep = ~target.isnan().any(dim=1)
+        if not bool(keep.any()):
+            return logits.sum() * 0.0
+        return F.binary_cross_entropy_with_logits(
+            logits[keep], target[keep], pos_weight=class_weight
+        )
+    if target.shape != logits.shape[:1] or target.is_floating_point() or target.dtype == torch.bool:
+        raise ShapeError(
+            f"single-label target must be an integer (B,) = ({logits.shape[0]},) tensor of class "
+            f"indices, got {target.dtype} {tuple(target.shape)}"
+        )
+    keep = target != MISSING_LABEL
+    if bool(((target[keep] < 0) | (target[keep] >= spec.num_classes)).any()):
+        raise ShapeError(
+            f"class indices must lie in [0, {spec.num_classes}) or be {MISSING_LABEL} (missing)"
+        )
+    if not bool(keep.any()):
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[keep], target[keep], weight=class_weight)
+
+
+@register("head", "mlp")
+class MultiTaskHead(nn.Module):
+    """One MLP classifier per task, over a shared or a per-task fused embedding.
+
+    Args:
+        dim: Width of the input embedding(s).
+        tasks: Task name → :class:`~fusionkit.tasks.TaskSpec` (or its config dict).
+        hidden_dim: Hidden width of each MLP (default ``dim``); 0 gives a linear classifier.
+        dropout: Dropout before each classifier layer.
+
+    Raises:
+        ConfigError: The tasks are malformed.
+        ValueError: ``dim`` is not positive.
+
+    Example:
+        >>> head = MultiTaskHead(16, {"color": {"num_classes": 3},
+        ...                           "pattern": {"num_classes": 4, "multi_label": True}})
+        >>> logits = head(torch.randn(2, 16))
+        >>> {k: tuple(v.shape) for k, v in logits.items()}
+        {'color': (2, 3), 'pattern': (2, 4)}
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        tasks: Mapping[str, TaskSpec | Mapping[str, Any]],
+        hidden_dim: int | None = None,
+        dropout: float = 0.1,
+    ) -> None:
+        super().__init__()
+        if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive int, got {dim!r}")
+        self.dim = dim
+        self.tasks = parse_tasks(tasks)
+        hidden = dim if hidden_dim is None else hidden_dim
+        self.heads = nn.ModuleDict()
+        for name, spec in self.tasks.items():
+            if hidden:
+                self.heads[name] = nn.Sequential(
+                    nn.LayerNorm(dim),
+                    nn.Dropout(dropout),
+                    nn.Linear(dim, hidden),
+                    nn.GELU(),
+                    nn.Dropout(dropout),
+                    nn.Linear(hidden, spec.num_classes),
+                )
+            else:
+                self.heads[name] = nn.Sequential(
+                    nn.LayerNorm(dim), nn.Dropout(dropout), nn.Linear(dim, spec.num_classes)
+                )
+        self._class_weights: dict[str, str] = {}
+
+    def set_class_weight(self, task: str, weight: Tensor | None) -> None:
+        """Weight the classes of ``task`` in its loss (e.g. inverse frequency); ``None`` clears.
+
+        Raises:
+            KeyError: Unknown task.
+            ShapeError: ``weight`` is not ``(num_classes,)``.
+        """
+        spec = self.tasks[task]
+        buffer = f"class_weight_{task}"
+        if weight is None:
+            self._class_weights.pop(task, None)
+            if hasattr(self, buffer):
+                delattr(self, buffer)
+            return
+        if tuple(weight.shape) != (spec.num_classes,):
+            raise ShapeError(f"class weight of {task!r} must have shape ({spec.num_classes},)")
+        self.register_buffer(buffer, weight.detach().float().clone())
+        self._class_weights[task] = buffer
+
+    def forward(self, features: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Classify.
+
+        Args:
+            features: ``(B, dim)`` shared by every task, or task → ``(B, dim)``.
+
+        Returns:
+            Task → logits ``(B, num_classes)``.
+
+        Raises:
+            ShapeError: Wrong shape, or a task missing from a per-task mapping.
+        """
+        per_task = (
+            features if isinstance(features, Mapping) else dict.fromkeys(self.tasks, features)
+        )
+        missing = set(self.tasks) - set(per_task)
+        if missing:
+            raise ShapeError(f"features are missing for tasks {sorted(missing)}")
+        logits = {}
+        for name, head in self.heads.items():
+            x = per_task[name]
+            if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != self.dim:
+                shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+                raise ShapeError(
+                    f"features for {name!r} must have shape (B, {self.dim}), got {shape}"
+                )
+            logits[name] = head(x)
+        return logits
+
+    def task_losses(
+        self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        """Per-task losses; tasks absent from ``targets`` are skipped.
+
+        Raises:
+            ShapeError: Unknown task in ``targets`` or malformed targets.
+        """
+        unknown = set(targets) - set(self.tasks)
+        if unknown:
+            raise ShapeError(
+                f"targets for unknown tasks {sorted(unknown)}; tasks: {list(self.tasks)}"
+            )
+        losses = {}
+        for name, target in targets.items():
+            buffer = self._class_weights.get(name)
+            weight = getattr(self, buffer) if buffer else None
+            losses[name] = task_loss(
+                logits[name], target.to(logits[name].device), self.tasks[name], weight
+            )
+        return losses
+
+    def loss(self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
+        """The multi-task loss: the task-weighted sum of :meth:`task_losses`.
+
+        Args:
+            logits: Task → ``(B, C)`` from :meth:`forward`.
+            targets: Task → ``(B,)`` class indices (``-100`` = missing) for single-label tasks,
+                ``(B, C)`` float multi-hot (a NaN row = missing) for multi-label tasks.
+
+        Returns:
+            A scalar tensor.
+        """
+        losses = self.task_losses(logits, targets)
+        if not losses:
+            raise ShapeError("targets is empty: no task to compute a loss for")
+        return torch.stack([self.tasks[n].weight * v for n, v in losses.items()]).sum()
