@@ -56,3 +56,36 @@ def isolated_registry():
     yield registry
     registry._entries.clear()
     registry._entries.update(saved)
+
+
+TINY_WORDS = [
+    *("a", "red", "blue", "green", "striped", "plain"),
+    *("shirt", "dress", "bag", "the", "cat"),
+]
+
+
+def write_tiny_bert(directory) -> None:
+    """Save a tiny random BERT (hidden 32, 2 layers) and its tokenizer into ``directory``."""
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]) + "\n")
+    config = BertConfig(
+        vocab_size=5 + len(TINY_WORDS),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(directory)
+    BertTokenizer(str(vocab)).save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A tiny BERT saved to disk, loadable by path through the ``huggingface`` adapter."""
+    directory = tmp_path_factory.mktemp("tiny-bert")
+    write_tiny_bert(directory)
+    return directory

@@ -1,0 +1,58 @@
+"""Encoder adapters: timm vision backbones and text transformers as token sequences.
+
+Importing this package registers the ``vision_encoder`` ``"timm"`` and the ``text_encoder``
+``"sentence_transformers"`` and ``"huggingface"`` components. Every adapter returns an
+:class:`EncoderOutput` (tokens ``(B, N, C)`` and a bool mask) and states its ``width``.
+Pretrained weights come only from offline packages or local files.
+
+Example:
+    >>> from fusionkit.encoders import TimmVisionEncoder
+    >>> TimmVisionEncoder("resnet18")(torch.randn(2, 3, 64, 64)).tokens.shape
+    torch.Size([2, 4, 512])
+"""
+
+from __future__ import annotations
+
+from fusionkit.encoders.base import EncoderOutput
+from fusionkit.encoders.text import (
+    PRESENT_KEY,
+    BaseTextEncoder,
+    HuggingFaceTextEncoder,
+    SentenceTransformersTextEncoder,
+)
+from fusionkit.encoders.vision import TimmVisionEncoder
+from fusionkit.encoders.weights import (
+    OFFLINE_TEXT_MODELS,
+    OFFLINE_VISION_WEIGHTS,
+    OfflineTextModel,
+    OfflineVisionWeights,
+    enforce_offline_mode,
+    load_offline_vision_weights,
+    load_state_dict_file,
+    load_vision_checkpoint,
+    load_vision_weights,
+    map_state_dict_in_order,
+    offline_vision_state_dict,
+    resolve_text_model_path,
+)
+
+__all__ = [
+    "OFFLINE_TEXT_MODELS",
+    "OFFLINE_VISION_WEIGHTS",
+    "PRESENT_KEY",
+    "BaseTextEncoder",
+    "EncoderOutput",
+    "HuggingFaceTextEncoder",
+    "OfflineTextModel",
+    "OfflineVisionWeights",
+    "SentenceTransformersTextEncoder",
+    "TimmVisionEncoder",
+    "enforce_offline_mode",
+    "load_offline_vision_weights",
+    "load_state_dict_file",
+    "load_vision_checkpoint",
+    "load_vision_weights",
+    "map_state_dict_in_order",
+    "offline_vision_state_dict",
+    "resolve_text_model_path",
+]

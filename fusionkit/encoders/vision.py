@@ -1,0 +1,220 @@
+"""The timm vision adapter: any timm backbone as a sequence of image tokens.
+
+ViT-like models already produce tokens; CNNs produce a feature map, whose positions become
+tokens. Either way the fusion layers receive ``(B, N, C)`` tokens and a mask.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fusionkit.encoders.base import EncoderOutput
+from fusionkit.encoders.weights import OFFLINE_VISION_WEIGHTS, load_vision_weights
+from fusionkit.errors import ConfigError, ShapeError
+from fusionkit.registry import register
+
+__all__ = ["TimmVisionEncoder"]
+
+
+@register("vision_encoder", "timm")
+class TimmVisionEncoder(nn.Module):
+    """A timm backbone that returns image tokens.
+
+    The classifier is never built (``num_classes=0``): classification lives in the heads.
+    Weights come from an offline package or a local checkpoint, never from a hub.
+
+    Args:
+        model_name: A timm model name, e.g. ``"vit_tiny_patch16_224"`` or ``"resnet18"``.
+        pretrained: ``False`` for random init; a known offline weight name (see
+            :data:`~fusionkit.encoders.weights.OFFLINE_VISION_WEIGHTS`) or the path of a
+            local checkpoint file or directory. ``True`` is refused: there is no hub here.
+        freeze: Stop gradients to every backbone parameter and keep the backbone in eval mode
+            (batch-norm statistics and dropout fixed) even after ``.train()``.
+        **timm_kwargs: Passed to ``timm.create_model`` (``img_size``, ``dynamic_img_size``,
+            ``drop_path_rate``, ``in_chans``...).
+
+    Attributes:
+        model: The timm backbone.
+        model_name: The timm model name.
+        in_chans: Input channels the backbone expects (3 unless ``in_chans`` is passed).
+        width: Channels ``C`` of every token (timm's ``num_features``).
+        num_prefix_tokens: Leading non-patch tokens (class, register, distillation tokens);
+            0 for CNNs.
+        data_config: Preprocessing of the backbone: ``input_size``, ``mean``, ``std``,
+            ``interpolation``, ``crop_pct`` (and ``crop_mode``).
+        frozen: Whether the backbone is frozen.
+
+    Note:
+        A few timm models keep layers that only their classifier path uses (``convnext``'s
+        ``head.norm``, ``mobilenetv3``'s ``conv_head``); their parameters get no gradient
+        from the tokens, so train those under DDP with ``find_unused_parameters=True``.
+
+    Raises:
+        ConfigError: The model name is unknown, ``pretrained`` is ``True`` or names unknown
+            weights, or ``timm_kwargs`` sets ``num_classes``.
+        CheckpointError: The weights do not fit the model.
+        MissingDependencyError: An offline weight package is not installed.
+
+    Example:
+        >>> encoder = TimmVisionEncoder("resnet18")
+        >>> out = encoder(torch.randn(2, 3, 64, 64))
+        >>> out.tokens.shape, out.mask.shape
+        (torch.Size([2, 4, 512]), torch.Size([2, 4]))
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        pretrained: bool | str | os.PathLike[str] = False,
+        freeze: bool = False,
+        **timm_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if "num_classes" in timm_kwargs:
+            raise ConfigError(
+                "num_classes cannot be set: the vision encoder returns tokens "
+                "(num_classes=0); classifiers live in the heads"
+            )
+        # timm is imported on first use: it costs seconds that `import fusionkit` should not.
+        import timm
+        from timm.data import resolve_model_data_config
+
+        if not timm.is_model(model_name):
+            close = difflib.get_close_matches(model_name, timm.list_models(), n=3, cutoff=0.6)
+            hint = (
+                f"did you mean {', '.join(map(repr, close))}?"
+                if close
+                else "see timm.list_models()"
+            )
+            raise ConfigError(f"unknown timm model {model_name!r}; {hint}")
+        if not isinstance(pretrained, (bool, str, os.PathLike)):
+            raise ConfigError(
+                f"pretrained must be False, an offline weight name or a path, got {pretrained!r}"
+            )
+        if pretrained is True:
+            raise ConfigError(
+                "pretrained=True would download from a model hub, which fusionkit never does; "
+                "pass a known offline weight name "
+                f"({', '.join(map(repr, OFFLINE_VISION_WEIGHTS))}) or a local checkpoint path"
+            )
+        self.model_name = model_name
+        self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **timm_kwargs)
+        if pretrained is not False:
+            load_vision_weights(self.model, pretrained)
+        self.width = int(self.model.num_features)
+        self.num_prefix_tokens = int(getattr(self.model, "num_prefix_tokens", 0))
+        self.in_chans = int(timm_kwargs.get("in_chans", 3))
+        self.data_config = dict(resolve_model_data_config(self.model))
+        if "img_size" in timm_kwargs:
+            # timm's pretrained_cfg keeps the default size when img_size is overridden.
+            size = timm_kwargs["img_size"]
+            height, width = (size, size) if isinstance(size, int) else tuple(size)
+            self.data_config["input_size"] = (self.in_chans, height, width)
+        self.frozen = freeze
+        if freeze:
+            self.model.requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> TimmVisionEncoder:
+        """Set training mode; a frozen backbone stays in eval mode.
+
+        Args:
+            mode: Training (``True``) or evaluation (``False``) mode.
+
+        Returns:
+            ``self``.
+
+        Example:
+            >>> TimmVisionEncoder("resnet18", freeze=True).train().model.training
+            False
+        """
+        super().train(mode)
+        if self.frozen:
+            self.model.eval()
+        return self
+
+    def _check_images(self, images: Tensor) -> None:
+        expected = f"(B, {self.in_chans}, H, W)"
+        if not isinstance(images, Tensor):
+            raise ShapeError(f"images: expected a tensor of shape {expected}, got {type(images)}")
+        if images.ndim != 4 or images.shape[1] != self.in_chans:
+            raise ShapeError(f"images: expected shape {expected}, got {tuple(images.shape)}")
+        if not images.is_floating_point():
+            raise ShapeError(
+                f"images: expected a floating-point tensor of shape {expected}, "
+                f"got dtype {images.dtype}"
+            )
+
+    def _channels_last(self, features: Tensor) -> bool:
+        channels_first = features.shape[1] == self.width
+        channels_last = features.shape[-1] == self.width
+        if channels_first and channels_last:
+            # Only when a spatial size equals the width; then trust the model's declaration.
+            output_fmt = getattr(self.model, "output_fmt", "NCHW")
+            return getattr(output_fmt, "value", output_fmt) == "NHWC"
+        if channels_first or channels_last:
+            return channels_last
+        raise ShapeError(
+            f"{self.model_name}.forward_features returned shape {tuple(features.shape)}; "
+            f"no axis matches the model width {self.width}"
+        )
+
+    def forward_features(self, images: Tensor) -> EncoderOutput:
+        """Encode images into tokens.
+
+        Args:
+            images: Float tensor ``(B, 3, H, W)``, preprocessed as :attr:`data_config` says.
+
+        Returns:
+            Tokens ``(B, N, width)``: for ViT-like models every token, the
+            :attr:`num_prefix_tokens` prefix tokens first; for CNNs one token per feature-map
+            position in row-major order. The mask is all ``True``.
+
+        Raises:
+            ShapeError: ``images`` is not a floating-point ``(B, 3, H, W)`` tensor, or the
+                backbone returns an unexpected shape.
+
+        Example:
+            >>> TimmVisionEncoder("vit_tiny_patch16_224", img_size=64)(
+            ...     torch.randn(1, 3, 64, 64)).tokens.shape
+            torch.Size([1, 17, 192])
+        """
+        self._check_images(images)
+        features = self.model.forward_features(images)
+        if features.ndim == 3:
+            tokens = features
+        elif features.ndim == 4:
+            if self._channels_last(features):
+                tokens = features.flatten(1, 2)
+            else:
+                tokens = features.flatten(2).transpose(1, 2)
+        else:
+            raise ShapeError(
+                f"{self.model_name}.forward_features returned shape {tuple(features.shape)}; "
+                "expected tokens (B, N, C) or a feature map (B, C, H, W) / (B, H, W, C)"
+            )
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+        return EncoderOutput(tokens=tokens, mask=mask)
+
+    def forward(self, images: Tensor) -> EncoderOutput:
+        """Same as :meth:`forward_features`.
+
+        Args:
+            images: Float tensor ``(B, 3, H, W)``.
+
+        Returns:
+            The image tokens and their mask.
+
+        Raises:
+            ShapeError: ``images`` has the wrong rank, channel count or dtype.
+
+        Example:
+            >>> TimmVisionEncoder("resnet18")(torch.randn(1, 3, 64, 64)).tokens.shape
+            torch.Size([1, 4, 512])
+        """
+        return self.forward_features(images)

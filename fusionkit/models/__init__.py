@@ -1,0 +1,14 @@
+"""Assembled models: :class:`CMACLIP` and :func:`build_model`."""
+
+import fusionkit.encoders  # noqa: F401  (registers the encoder adapters a config may name)
+from fusionkit.models.cma_clip import CMACLIP, CMACLIPOutput, build_model
+from fusionkit.models.config import ComponentConfig, FusionConfig, ModelConfig
+
+__all__ = [
+    "CMACLIP",
+    "CMACLIPOutput",
+    "ComponentConfig",
+    "FusionConfig",
+    "ModelConfig",
+    "build_model",
+]
