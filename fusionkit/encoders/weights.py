@@ -110,7 +110,7 @@ _TORCH_SUFFIXES = (".pth", ".pt", ".bin")
 
 
 def enforce_offline_mode() -> None:
-    """Tell the Hugging Face libraries never to contact the Hub in this process.
+    """Tell the Hugging Face libraries never to contact the Hub (and to load quietly).
 
     Called by every loader rather than at import, so importing fusionkit leaves the
     environment alone.
@@ -122,6 +122,10 @@ def enforce_offline_mode() -> None:
     """
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    # Loading a local model is quick; its per-tensor progress bars are only noise.
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
 
 
 def _import_package(module: str, package: str) -> ModuleType:
