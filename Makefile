@@ -27,5 +27,11 @@ lint: setup
 test: lint
 	$(PY) -m pytest -q
 
+docs: setup
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: setup
+	$(VENV)/bin/mkdocs serve -a 127.0.0.1:8000
+
 clean:
 	rm -rf $(VENV) site .pytest_cache .benchmarks

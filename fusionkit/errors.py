@@ -1,6 +1,6 @@
 """The exception hierarchy of fusionkit.
 
-Every error fusionkit raises on purpose derives from :class:`FusionkitError`, so callers can
+Every error fusionkit raises on purpose derives from `FusionkitError`, so callers can
 catch one type. Subclasses also derive from the built-in type callers already expect
 (``ValueError`` for bad values, ``KeyError`` for unknown names, ``FileNotFoundError`` for
 missing files), so ``except ValueError`` keeps working.

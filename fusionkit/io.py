@@ -1,7 +1,7 @@
 """Safe file I/O: atomic writes, safetensors weights, safe YAML.
 
-A leaf module (imports nothing of fusionkit but :mod:`fusionkit.errors`). Every file fusionkit
-writes goes through :func:`atomic_write`: the content lands in a temporary file in the same
+A leaf module (imports nothing of fusionkit but `fusionkit.errors`). Every file fusionkit
+writes goes through `atomic_write`: the content lands in a temporary file in the same
 folder, is flushed and fsynced, then renamed over the target, so a run killed at any moment
 leaves either the old file or the new one, never half of one.
 """
@@ -79,7 +79,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write text (UTF-8) atomically; see :func:`atomic_write`."""
+    """Write text (UTF-8) atomically; see `atomic_write`."""
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 

@@ -3,16 +3,14 @@
 Components are grouped by *kind*. Each kind has a constructor contract, so a config (or a
 contract test) can build any registered component of that kind with the same arguments:
 
-================  =====================================================================
-kind              constructor contract
-================  =====================================================================
-vision_encoder    ``(model_name, pretrained=False, freeze=False, **options)``
-text_encoder      ``(model_name_or_path, max_length=..., freeze=False, **options)``
-sequence_fusion   ``(input_dims: dict[str, int], dim, layers=1, heads=8, ...)``
-modality_fusion   ``(dim, modalities: Sequence[str], ...)``
-head              ``(dim, tasks: Mapping[str, TaskSpec], ...)``
-model             ``(**config sections)``
-================  =====================================================================
+| kind | constructor contract |
+| --- | --- |
+| `vision_encoder` | `(model_name, pretrained=False, freeze=False, **options)` |
+| `text_encoder` | `(model_name_or_path, max_length=..., freeze=False)` |
+| `sequence_fusion` | `(input_dims: dict[str, int], dim, layers=1, heads=8, ...)` |
+| `modality_fusion` | `(dim, modalities: Sequence[str], ...)` |
+| `head` | `(dim, tasks: Mapping[str, TaskSpec], ...)` |
+| `model` | `(config: ModelConfig)` |
 
 Third-party packages add components through the entry-point group ``fusionkit.plugins``: each
 entry point names a module (imported) or a callable (called with no arguments) that registers
@@ -71,7 +69,7 @@ class Registration:
     """One registered component.
 
     Attributes:
-        kind: The component kind, one of :data:`KINDS`.
+        kind: The component kind, one of `KINDS`.
         name: The name a config uses.
         factory: The class or function that builds the component.
         source: ``module:qualname`` of the factory, for listings and error messages.
@@ -125,7 +123,7 @@ def register(
     Use as a decorator (``@register("head")``) or call with the factory directly.
 
     Args:
-        kind: One of :data:`KINDS`.
+        kind: One of `KINDS`.
         name: The name to register; defaults to the factory's name in snake_case
             (``SequenceWiseAttention`` becomes ``sequence_wise_attention``).
         factory: The class or function; omit it to get a decorator.
@@ -208,11 +206,11 @@ def get(kind: str, name: str) -> Registration:
     """Look up one registered component.
 
     Args:
-        kind: One of :data:`KINDS`.
+        kind: One of `KINDS`.
         name: A registered name (no wildcards).
 
     Returns:
-        The :class:`Registration` holding the factory.
+        The `Registration` holding the factory.
 
     Raises:
         RegistryError: The kind or the name is unknown; the message lists the closest names.
@@ -230,7 +228,7 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
     """Build a registered component.
 
     Args:
-        kind: One of :data:`KINDS`.
+        kind: One of `KINDS`.
         name: The registered name.
         **kwargs: Passed to the component's constructor (see the kind's contract above).
 
@@ -260,7 +258,7 @@ def list_components(
     """List registered names, filtered with ``fnmatch`` wildcards.
 
     Args:
-        kind: One of :data:`KINDS`; ``None`` lists every kind.
+        kind: One of `KINDS`; ``None`` lists every kind.
         pattern: A shell-style wildcard such as ``"co_*"``; ``"*"`` lists everything.
 
     Returns:

@@ -1,6 +1,6 @@
 """Task specifications: what a classification task predicts.
 
-A leaf module (imports nothing of fusionkit but :mod:`fusionkit.errors`), shared by the heads,
+A leaf module (imports nothing of fusionkit but `fusionkit.errors`), shared by the heads,
 the data sets and the configs.
 """
 
@@ -76,7 +76,7 @@ class TaskSpec:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        """A plain dict that :func:`parse_tasks` reads back."""
+        """A plain dict that `parse_tasks` reads back."""
         out: dict[str, Any] = {"multi_label": self.multi_label}
         if self.classes is not None:
             out["classes"] = list(self.classes)
@@ -94,12 +94,12 @@ def parse_tasks(tasks: Mapping[str, Any], path: str = "tasks") -> dict[str, Task
     """Read a ``tasks`` config section: name → ``{classes: [...]}`` or ``{num_classes: N}``.
 
     Args:
-        tasks: Mapping of task name to a :class:`TaskSpec`, a dict with ``classes`` or
+        tasks: Mapping of task name to a `TaskSpec`, a dict with ``classes`` or
             ``num_classes`` (and optionally ``multi_label`` and ``weight``).
         path: The key path used in error messages.
 
     Returns:
-        Task name → :class:`TaskSpec`, in the given order.
+        Task name → `TaskSpec`, in the given order.
 
     Raises:
         ConfigError: A task is malformed; the message names its key path.

@@ -68,7 +68,7 @@ def resolve_backend(backend: str, query: Tensor) -> str:
         query: The query tensor (its device and dtype decide ``auto``).
 
     Returns:
-        One of :data:`BACKENDS`.
+        One of `BACKENDS`.
 
     Raises:
         ValueError: ``backend`` is not a known name.

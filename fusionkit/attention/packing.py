@@ -30,7 +30,7 @@ __all__ = ["PackedSequences", "varlen_attention"]
 class PackedSequences:
     """Where the real tokens of a padded batch sit once packed.
 
-    Build it with :meth:`from_mask`; then :meth:`pack` and :meth:`unpack` move tensors
+    Build it with `from_mask`; then `pack` and `unpack` move tensors
     between the padded ``(B, L, ...)`` and packed ``(T, ...)`` layouts.
 
     Attributes:
@@ -234,7 +234,7 @@ def varlen_attention(
         v: Packed values ``(Tk, H, D)``.
         q_seqs: Packing of the queries.
         kv_seqs: Packing of the keys; defaults to ``q_seqs`` (self-attention).
-        backend: As for :func:`~fusionkit.attention.attention`. With xformers the whole stream
+        backend: As for `fusionkit.attention.attention`. With xformers the whole stream
             runs as one block-diagonal kernel call; otherwise per length bucket.
         scale: Logit scale, default ``1 / sqrt(D)``.
         dropout_p: Dropout on the attention probabilities.

@@ -2,7 +2,7 @@
 
 Importing this package registers the ``vision_encoder`` ``"timm"`` and the ``text_encoder``
 ``"sentence_transformers"`` and ``"huggingface"`` components. Every adapter returns an
-:class:`EncoderOutput` (tokens ``(B, N, C)`` and a bool mask) and states its ``width``.
+`EncoderOutput` (tokens ``(B, N, C)`` and a bool mask) and states its ``width``.
 Pretrained weights come only from offline packages or local files.
 
 Example:

@@ -1,6 +1,6 @@
 """The output every encoder adapter returns: a padded token sequence and its mask.
 
-The fusion layers only ever see :class:`EncoderOutput`, so any backbone that can produce one
+The fusion layers only ever see `EncoderOutput`, so any backbone that can produce one
 (a timm CNN, a ViT, a Hugging Face text model) plugs into the same fusion code.
 """
 

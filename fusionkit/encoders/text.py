@@ -5,7 +5,7 @@ the token mask. A missing text (``None``) is encoded as the empty string and get
 mask row, so the fusion can leave the text modality out for that sample.
 
 The heavy libraries (``transformers``, ``sentence_transformers``) are imported when an
-adapter is built, so importing :mod:`fusionkit.encoders` stays fast.
+adapter is built, so importing `fusionkit.encoders` stays fast.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ __all__ = [
     "SentenceTransformersTextEncoder",
 ]
 
-#: Key of the ``(B,)`` bool tensor in :meth:`BaseTextEncoder.tokenize` output that marks
+#: Key of the ``(B,)`` bool tensor in `BaseTextEncoder.tokenize` output that marks
 #: which samples have a text; it is not passed to the transformer.
 PRESENT_KEY = "present"
 
@@ -56,8 +56,8 @@ class BaseTextEncoder(nn.Module):
     """Shared behaviour of the text adapters: tokenizing, masking, freezing.
 
     Subclasses build a Hugging Face transformer and its tokenizer, register the module that
-    owns the transformer, expose the transformer through :attr:`transformer`, and then call
-    :meth:`_finish_init`.
+    owns the transformer, expose the transformer through `transformer`, and then call
+    `_finish_init`.
 
     Args:
         tokenizer: A Hugging Face tokenizer.
@@ -70,7 +70,7 @@ class BaseTextEncoder(nn.Module):
         tokenizer: The tokenizer.
         max_length: The truncation length.
         width: Channels ``C`` of every token (the transformer's hidden size); set by
-            :meth:`_finish_init`.
+            `_finish_init`.
         frozen: Whether the model is frozen.
 
     Raises:
@@ -143,7 +143,7 @@ class BaseTextEncoder(nn.Module):
         Returns:
             The tokenizer's tensors (``input_ids``, ``attention_mask``, and
             ``token_type_ids`` where the model uses them), each ``(B, T)``, plus
-            :data:`PRESENT_KEY`: a ``(B,)`` bool tensor, ``False`` for missing texts.
+            `PRESENT_KEY`: a ``(B,)`` bool tensor, ``False`` for missing texts.
 
         Raises:
             ShapeError: ``texts`` is a single string, empty, or holds a non-string.
@@ -197,8 +197,8 @@ class BaseTextEncoder(nn.Module):
 
         Args:
             texts: One text per sample (``None`` for a missing text); tokenized here.
-            text_inputs: The output of :meth:`tokenize`, e.g. built in a data loader worker.
-                Without :data:`PRESENT_KEY` every text counts as present.
+            text_inputs: The output of `tokenize`, e.g. built in a data loader worker.
+                Without `PRESENT_KEY` every text counts as present.
 
         Returns:
             Tokens ``(B, T, width)`` (the last hidden state) and mask ``(B, T)``: the attention
@@ -234,11 +234,11 @@ class BaseTextEncoder(nn.Module):
         texts: Sequence[str | None] | None = None,
         text_inputs: Mapping[str, Tensor] | None = None,
     ) -> EncoderOutput:
-        """Same as :meth:`forward`.
+        """Same as `forward`.
 
         Args:
             texts: One text per sample (``None`` for a missing text).
-            text_inputs: The output of :meth:`tokenize`.
+            text_inputs: The output of `tokenize`.
 
         Returns:
             The word tokens and their mask.
@@ -272,13 +272,13 @@ class SentenceTransformersTextEncoder(BaseTextEncoder):
 
     Tokens come from the model's underlying Hugging Face transformer; the full
     sentence-transformers pipeline (pooling, normalization) stays available through
-    :meth:`sentence_embedding`.
+    `sentence_embedding`.
 
     Args:
         model_name_or_path: A local sentence-transformers directory or a known offline name
-            (see :data:`~fusionkit.encoders.weights.OFFLINE_TEXT_MODELS`).
-        max_length: Longest token sequence of :meth:`forward`, special tokens included.
-        freeze: Stop gradients and keep eval mode (see :class:`BaseTextEncoder`).
+            (see `fusionkit.encoders.weights.OFFLINE_TEXT_MODELS`).
+        max_length: Longest token sequence of `forward`, special tokens included.
+        freeze: Stop gradients and keep eval mode (see `BaseTextEncoder`).
 
     Attributes:
         sentence_transformer: The loaded ``SentenceTransformer`` (on the CPU until moved).
@@ -324,7 +324,7 @@ class SentenceTransformersTextEncoder(BaseTextEncoder):
         """Embed whole sentences through the full sentence-transformers pipeline.
 
         Uses the model's own pooling and normalization and its own truncation length
-        (not :attr:`max_length`). Runs without gradients: for similarity checks and retrieval.
+        (not `max_length`). Runs without gradients: for similarity checks and retrieval.
 
         Args:
             texts: One text per sample; ``None`` is not accepted here.
@@ -359,9 +359,9 @@ class HuggingFaceTextEncoder(BaseTextEncoder):
     Args:
         model_name_or_path: A local directory saved with ``save_pretrained`` (model and
             tokenizer), or a known offline name (see
-            :data:`~fusionkit.encoders.weights.OFFLINE_TEXT_MODELS`). Hub ids are refused.
+            `fusionkit.encoders.weights.OFFLINE_TEXT_MODELS`). Hub ids are refused.
         max_length: Longest token sequence, special tokens included.
-        freeze: Stop gradients and keep eval mode (see :class:`BaseTextEncoder`).
+        freeze: Stop gradients and keep eval mode (see `BaseTextEncoder`).
 
     Attributes:
         model: The ``transformers`` model (``AutoModel``).
@@ -400,5 +400,5 @@ class HuggingFaceTextEncoder(BaseTextEncoder):
 
     @property
     def transformer(self) -> nn.Module:
-        """The ``transformers`` model, same as :attr:`model`."""
+        """The ``transformers`` model, same as `model`."""
         return self.model

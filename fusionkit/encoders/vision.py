@@ -31,7 +31,7 @@ class TimmVisionEncoder(nn.Module):
     Args:
         model_name: A timm model name, e.g. ``"vit_tiny_patch16_224"`` or ``"resnet18"``.
         pretrained: ``False`` for random init; a known offline weight name (see
-            :data:`~fusionkit.encoders.weights.OFFLINE_VISION_WEIGHTS`) or the path of a
+            `fusionkit.encoders.weights.OFFLINE_VISION_WEIGHTS`) or the path of a
             local checkpoint file or directory. ``True`` is refused: there is no hub here.
         freeze: Stop gradients to every backbone parameter and keep the backbone in eval mode
             (batch-norm statistics and dropout fixed) even after ``.train()``.
@@ -168,11 +168,11 @@ class TimmVisionEncoder(nn.Module):
         """Encode images into tokens.
 
         Args:
-            images: Float tensor ``(B, 3, H, W)``, preprocessed as :attr:`data_config` says.
+            images: Float tensor ``(B, 3, H, W)``, preprocessed as `data_config` says.
 
         Returns:
             Tokens ``(B, N, width)``: for ViT-like models every token, the
-            :attr:`num_prefix_tokens` prefix tokens first; for CNNs one token per feature-map
+            `num_prefix_tokens` prefix tokens first; for CNNs one token per feature-map
             position in row-major order. The mask is all ``True``.
 
         Raises:
@@ -202,7 +202,7 @@ class TimmVisionEncoder(nn.Module):
         return EncoderOutput(tokens=tokens, mask=mask)
 
     def forward(self, images: Tensor) -> EncoderOutput:
-        """Same as :meth:`forward_features`.
+        """Same as `forward_features`.
 
         Args:
             images: Float tensor ``(B, 3, H, W)``.

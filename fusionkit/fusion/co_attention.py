@@ -52,7 +52,7 @@ class CoAttention(nn.Module):
     still has a defined output. Streams are updated in parallel.
 
     Same constructor and output contract as
-    :class:`~fusionkit.fusion.SequenceWiseAttention` (without ``summary``).
+    `fusionkit.fusion.SequenceWiseAttention` (without ``summary``).
 
     Args:
         input_dims: Modality name → token width.
@@ -147,7 +147,7 @@ class CoAttention(nn.Module):
             return_tokens: Also return every fused token.
 
         Returns:
-            A :class:`~fusionkit.fusion.FusionOutput`.
+            A `fusionkit.fusion.FusionOutput`.
 
         Raises:
             ShapeError: Inputs of the wrong rank, width, batch size or mask shape.

@@ -56,7 +56,7 @@ class ModalityFusion(nn.Module):
                 (default: present wherever given).
 
         Returns:
-            ``(fused (B, dim), weights (B, M))``; weights follow :attr:`modalities`.
+            ``(fused (B, dim), weights (B, M))``; weights follow `modalities`.
 
         Raises:
             ShapeError: Unknown modality, wrong shapes, or a sample with no modality present.

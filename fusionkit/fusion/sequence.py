@@ -76,7 +76,7 @@ class SequenceWiseAttention(nn.Module):
         dropout: Dropout on attention probabilities and residual branches.
         attention_backend: ``"auto"``, ``"xformers"``, ``"sdpa"`` or ``"math"``.
         packing: ``"auto"``, ``True`` or ``False``: run on the real tokens only (see
-            :func:`should_pack`). Results are the same either way.
+            `should_pack`). Results are the same either way.
         summary: ``"learned"`` or ``"first"``.
 
     Raises:
@@ -202,7 +202,7 @@ class SequenceWiseAttention(nn.Module):
                 plain ``math`` attention on the padded batch for this call).
 
         Returns:
-            A :class:`~fusionkit.fusion.FusionOutput`.
+            A `fusionkit.fusion.FusionOutput`.
 
         Raises:
             ShapeError: Inputs of the wrong rank, width, batch size or mask shape.

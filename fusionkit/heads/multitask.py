@@ -71,7 +71,7 @@ class MultiTaskHead(nn.Module):
 
     Args:
         dim: Width of the input embedding(s).
-        tasks: Task name → :class:`~fusionkit.tasks.TaskSpec` (or its config dict).
+        tasks: Task name → `fusionkit.tasks.TaskSpec` (or its config dict).
         hidden_dim: Hidden width of each MLP (default ``dim``); 0 gives a linear classifier.
         dropout: Dropout before each classifier layer.
 
@@ -188,10 +188,10 @@ class MultiTaskHead(nn.Module):
         return losses
 
     def loss(self, logits: Mapping[str, Tensor], targets: Mapping[str, Tensor]) -> Tensor:
-        """The multi-task loss: the task-weighted sum of :meth:`task_losses`.
+        """The multi-task loss: the task-weighted sum of `task_losses`.
 
         Args:
-            logits: Task → ``(B, C)`` from :meth:`forward`.
+            logits: Task → ``(B, C)`` from `forward`.
             targets: Task → ``(B,)`` class indices (``-100`` = missing) for single-label tasks,
                 ``(B, C)`` float multi-hot (a NaN row = missing) for multi-label tasks.
 

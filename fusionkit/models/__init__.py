@@ -1,4 +1,4 @@
-"""Assembled models: :class:`CMACLIP` and :func:`build_model`."""
+"""Assembled models: `CMACLIP` and `build_model`."""
 
 import fusionkit.encoders  # noqa: F401  (registers the encoder adapters a config may name)
 from fusionkit.models.cma_clip import CMACLIP, CMACLIPOutput, build_model

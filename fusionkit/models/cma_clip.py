@@ -26,7 +26,7 @@ WEIGHTS_FILE = "model.safetensors"
 
 @dataclass
 class CMACLIPOutput:
-    """What :class:`CMACLIP` returns.
+    """What `CMACLIP` returns.
 
     Attributes:
         logits: Task → ``(B, num_classes)``.
@@ -154,7 +154,7 @@ class CMACLIP(nn.Module):
 
     @property
     def tasks(self) -> dict[str, Any]:
-        """Task name → :class:`~fusionkit.tasks.TaskSpec`."""
+        """Task name → `fusionkit.tasks.TaskSpec`."""
         return self.config.tasks
 
     def _run_encoder(self, encoder: nn.Module, *args: Any, **kwargs: Any) -> Any:
@@ -226,12 +226,12 @@ class CMACLIP(nn.Module):
         """Fuse encoder tokens and classify every task.
 
         Args:
-            tokens: Modality → ``(B, N, C)`` from :meth:`forward_features` (or a cache).
+            tokens: Modality → ``(B, N, C)`` from `forward_features` (or a cache).
             masks: Modality → ``(B, N)`` bool.
             return_attention: Also return the fusion's attention probabilities.
 
         Returns:
-            A :class:`CMACLIPOutput`.
+            A `CMACLIPOutput`.
         """
         attentions = spans = None
         if self.sequence_fusion is not None:
@@ -268,16 +268,16 @@ class CMACLIP(nn.Module):
         *,
         return_attention: bool = False,
     ) -> CMACLIPOutput:
-        """Classify image+text samples; see :meth:`forward_features` for the arguments.
+        """Classify image+text samples; see `forward_features` for the arguments.
 
         Returns:
-            A :class:`CMACLIPOutput`.
+            A `CMACLIPOutput`.
         """
         tokens, masks = self.forward_features(images, texts, text_inputs, present)
         return self.forward_head(tokens, masks, return_attention=return_attention)
 
     def loss(self, output: CMACLIPOutput, targets: Mapping[str, Tensor]) -> Tensor:
-        """The multi-task loss (see :meth:`~fusionkit.heads.MultiTaskHead.loss`)."""
+        """The multi-task loss (see `fusionkit.heads.MultiTaskHead.loss`)."""
         return self.head.loss(output.logits, targets)
 
     def frozen_prefixes(self) -> list[str]:
@@ -319,7 +319,7 @@ class CMACLIP(nn.Module):
     def from_pretrained(
         cls, directory: str | os.PathLike[str], map_location: str | torch.device = "cpu"
     ) -> CMACLIP:
-        """Load a model written by :meth:`save_pretrained`.
+        """Load a model written by `save_pretrained`.
 
         Args:
             directory: The folder holding ``config.yaml`` and ``model.safetensors``.
@@ -366,10 +366,10 @@ class CMACLIP(nn.Module):
 
 
 def build_model(config: ModelConfig | Mapping[str, Any] | str | os.PathLike[str]) -> nn.Module:
-    """Build a model from a config mapping, a YAML path or a :class:`ModelConfig`.
+    """Build a model from a config mapping, a YAML path or a `ModelConfig`.
 
     Args:
-        config: The configuration (see :mod:`fusionkit.models.config` for its shape).
+        config: The configuration (see `fusionkit.models.config` for its shape).
 
     Returns:
         The model named by ``config["model"]`` (``CMACLIP`` by default).

@@ -278,7 +278,7 @@ class FusionConfig:
 class ModelConfig:
     """A whole model configuration.
 
-    Build it with :meth:`from_dict` or :meth:`from_yaml`; :meth:`to_dict` writes it back
+    Build it with `from_dict` or `from_yaml`; `to_dict` writes it back
     (resolved: defaults filled in).
 
     Attributes:
@@ -287,7 +287,7 @@ class ModelConfig:
         text: The text encoder, or ``None`` for an image-only model.
         fusion: The fusion section.
         head: The head (``mlp`` by default).
-        tasks: Task name → :class:`~fusionkit.tasks.TaskSpec`.
+        tasks: Task name → `fusionkit.tasks.TaskSpec`.
         sections: The ``data`` and ``train`` sections, as given, for the training layer.
 
     Example:
@@ -375,7 +375,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, config: ModelConfig | Mapping[str, Any] | str | os.PathLike[str]) -> ModelConfig:
-        """Accept a :class:`ModelConfig`, a mapping, or a YAML path."""
+        """Accept a `ModelConfig`, a mapping, or a YAML path."""
         if isinstance(config, ModelConfig):
             return config
         if isinstance(config, (str, os.PathLike)):
@@ -383,7 +383,7 @@ class ModelConfig:
         return cls.from_dict(config)
 
     def to_dict(self) -> dict[str, Any]:
-        """The resolved config as a plain mapping that :meth:`from_dict` reads back."""
+        """The resolved config as a plain mapping that `from_dict` reads back."""
         out: dict[str, Any] = {
             "model": self.model,
             "vision": None if self.vision is None else self.vision.to_dict(),

@@ -1,0 +1,49 @@
+"""Data for fusionkit: the synthetic default catalogue, manifest data sets, transforms, collate.
+
+This layer imports nothing of ``fusionkit.models`` or ``fusionkit.training``; it only produces
+samples (``id``, ``image``, ``text``, ``targets``) and batches of them.
+
+Example:
+    >>> from fusionkit.data import ManifestDataset, generate_catalogue, infer_tasks, make_collate
+    >>> paths = generate_catalogue("/tmp/catalogue", train=40, val=8, test=8, progress=False)
+    >>> tasks = infer_tasks(paths["train"])
+    >>> batch = make_collate(tasks)([ManifestDataset(paths["train"], tasks)[0]])
+    >>> batch.images.shape
+    torch.Size([1, 3, 96, 96])
+"""
+
+from __future__ import annotations
+
+from fusionkit.data.collate import Batch, SampleCollator, collate_samples, make_collate
+from fusionkit.data.manifest import (
+    RESERVED_COLUMNS,
+    ManifestDataset,
+    ManifestRecord,
+    Sample,
+    infer_tasks,
+)
+from fusionkit.data.synthetic import (
+    CATALOGUE_TASKS,
+    CATALOGUE_VOCABULARY,
+    SPLITS,
+    generate_catalogue,
+)
+from fusionkit.data.transforms import build_image_transform, transform_key
+
+__all__ = [
+    "CATALOGUE_TASKS",
+    "CATALOGUE_VOCABULARY",
+    "RESERVED_COLUMNS",
+    "SPLITS",
+    "Batch",
+    "ManifestDataset",
+    "ManifestRecord",
+    "Sample",
+    "SampleCollator",
+    "build_image_transform",
+    "collate_samples",
+    "generate_catalogue",
+    "infer_tasks",
+    "make_collate",
+    "transform_key",
+]

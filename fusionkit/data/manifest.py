@@ -1,0 +1,502 @@
+"""Data sets read from a manifest file: the way users bring their own image+text data.
+
+A manifest is a CSV file or a JSON Lines file with one row per sample:
+
+- ``image``: path of the image file, absolute or relative to the manifest's folder; empty when
+  the sample has no image;
+- ``text``: the sample's text; empty when it has none;
+- ``id`` (optional): a unique name of the sample;
+- one column per task: the class name, or several joined by ``|`` for a multi-label task; an
+  empty cell is a missing label, ignored by the loss.
+
+Rows are read and validated when the data set is built, so a bad file fails (or is reported)
+before training starts; image files are decoded lazily, one sample at a time. Problems with one
+row are skipped and logged or raised, as the caller chooses; problems with the file's structure
+(a missing column, a malformed line, duplicated ids) always raise :class:`DataError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision.transforms.functional import pil_to_tensor
+
+from fusionkit.errors import ConfigError, DataError
+from fusionkit.tasks import TaskSpec
+
+__all__ = ["RESERVED_COLUMNS", "ManifestDataset", "ManifestRecord", "Sample", "infer_tasks"]
+
+_LOG = logging.getLogger("fusionkit.data")
+
+#: Columns that are never tasks.
+RESERVED_COLUMNS = ("image", "text", "id")
+_LABEL_SEPARATOR = "|"
+_SUFFIXES = {".csv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+# How many offending rows a log message or an error quotes.
+_EXAMPLES = 3
+
+Target = int | list[int] | None
+#: One item of :class:`ManifestDataset`: ``id``, ``image``, ``text`` and ``targets``.
+Sample = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    """One validated row of a manifest (the image itself is read later).
+
+    Args:
+        id: The sample's unique name.
+        image_path: The resolved image path, or None when the row names no image.
+        text: The text, or None when the cell is empty.
+        targets: Task name → class index (single-label), sorted class indices (multi-label), or
+            None for a missing label.
+        line: The line of the manifest where the row starts (1-based), for messages.
+
+    Example:
+        >>> ManifestRecord("a", None, "red shirt", {"color": 2}, line=2).text
+        'red shirt'
+    """
+
+    id: str
+    image_path: Path | None
+    text: str | None
+    targets: dict[str, Target]
+    line: int
+
+
+# --------------------------------------------------------------------------------------------
+# Reading CSV and JSONL
+# --------------------------------------------------------------------------------------------
+
+
+def _cell_text(value: Any, path: Path, line: int, column: str) -> str:
+    """A JSON value as cell text; lists become ``|``-joined labels."""
+    if value is None:
+        return ""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, list) and all(
+        isinstance(item, (str, int, float)) and not isinstance(item, bool) for item in value
+    ):
+        return _LABEL_SEPARATOR.join(str(item) for item in value)
+    raise DataError(
+        f"{path}, line {line}, column {column!r}: expected a string, a number or a list of "
+        f"labels, got {type(value).__name__} {value!r:.80}"
+    )
+
+
+def _check_header(columns: list[str], path: Path) -> list[str]:
+    duplicated = sorted(name for name, count in Counter(columns).items() if count > 1)
+    if duplicated:
+        raise DataError(f"{path}: duplicated column name(s) {duplicated}")
+    return columns
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    rows: list[tuple[int, dict[str, str]]] = []
+    with path.open(newline="", encoding="utf-8-sig") as handle:
+        reader = csv.reader(handle)
+        line = 1
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise DataError(f"{path}: the manifest is empty (no header line)")
+            columns = _check_header([name.strip() for name in header], path)
+            line = reader.line_num + 1
+            for record in reader:
+                if record:
+                    if len(record) != len(columns):
+                        raise DataError(
+                            f"{path}, line {line}: {len(record)} field(s), but the header has "
+                            f"{len(columns)}: {columns}"
+                        )
+                    rows.append((line, dict(zip(columns, record, strict=True))))
+                line = reader.line_num + 1
+        except csv.Error as error:
+            raise DataError(f"{path}, line {line}: malformed CSV ({error})") from None
+    return columns, rows
+
+
+def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    columns: list[str] = []
+    raw_rows: list[tuple[int, dict[str, Any]]] = []
+    with path.open(encoding="utf-8-sig") as handle:
+        for number, text in enumerate(handle, start=1):
+            if not text.strip():
+                continue
+            try:
+                value = json.loads(text)
+            except (ValueError, RecursionError) as error:
+                raise DataError(f"{path}, line {number}: malformed JSON ({error})") from None
+            if not isinstance(value, dict):
+                raise DataError(
+                    f"{path}, line {number}: expected a JSON object, got {type(value).__name__}"
+                )
+            stripped = {str(key).strip(): cell for key, cell in value.items()}
+            if len(stripped) != len(value):
+                raise DataError(f"{path}, line {number}: duplicated key(s) after stripping spaces")
+            columns.extend(key for key in stripped if key not in columns)
+            raw_rows.append((number, stripped))
+    if not raw_rows:
+        raise DataError(f"{path}: the manifest is empty (no JSON object)")
+    rows = [
+        (line, {column: _cell_text(cells.get(column), path, line, column) for column in columns})
+        for line, cells in raw_rows
+    ]
+    return columns, rows
+
+
+def _read_manifest(path: str | Path) -> tuple[Path, list[str], list[tuple[int, dict[str, str]]]]:
+    """Read a manifest's columns and rows as text cells, with the line each row starts on."""
+    # Absolute, so image paths relative to it survive a later change of working directory.
+    manifest = Path(path).absolute()
+    kind = _SUFFIXES.get(manifest.suffix.lower())
+    if kind is None:
+        raise DataError(
+            f"{manifest}: unknown manifest format {manifest.suffix!r}; "
+            f"expected one of {sorted(_SUFFIXES)}"
+        )
+    if not manifest.is_file():
+        raise DataError(f"{manifest}: manifest file not found")
+    try:
+        columns, rows = _read_csv(manifest) if kind == "csv" else _read_jsonl(manifest)
+    except UnicodeDecodeError as error:
+        raise DataError(f"{manifest}: not UTF-8 text ({error})") from None
+    except OSError as error:
+        raise DataError(f"{manifest}: cannot read the manifest ({error})") from None
+    return manifest, columns, rows
+
+
+def _split_labels(cell: str, multi_label: bool) -> list[str]:
+    if multi_label:
+        return [label.strip() for label in cell.split(_LABEL_SEPARATOR) if label.strip()]
+    label = cell.strip()
+    return [label] if label else []
+
+
+# --------------------------------------------------------------------------------------------
+# Tasks
+# --------------------------------------------------------------------------------------------
+
+
+def _names(value: Iterable[str] | None, argument: str) -> list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise ConfigError(f"{argument} must be a sequence of column names, not a string: {value!r}")
+    return list(value)
+
+
+def infer_tasks(
+    manifest_path: str | Path,
+    task_names: Sequence[str] | None = None,
+    multi_label: Iterable[str] | None = None,
+) -> dict[str, TaskSpec]:
+    """Infer the tasks and their classes from a manifest (normally the training split).
+
+    Args:
+        manifest_path: A ``.csv``, ``.jsonl`` or ``.ndjson`` manifest.
+        task_names: The task columns; by default every column but ``image``, ``text`` and ``id``.
+        multi_label: Tasks to treat as multi-label even if no cell holds ``|``.
+
+    Returns:
+        Task name → :class:`TaskSpec` with the class names found, sorted, in column order.
+        A task is multi-label if it is named in ``multi_label`` or any of its cells holds ``|``.
+
+    Raises:
+        DataError: The manifest cannot be read, a named task column does not exist, there is no
+            task column, or a task has too few classes (single-label tasks need two).
+        ConfigError: ``task_names`` or ``multi_label`` is a string or names an unknown task.
+
+    Example:
+        >>> tasks = infer_tasks("train.csv")  # doctest: +SKIP
+        >>> tasks["pattern"].multi_label  # doctest: +SKIP
+        True
+    """
+    path, columns, rows = _read_manifest(manifest_path)
+    named = _names(task_names, "task_names")
+    forced = set(_names(multi_label, "multi_label") or ())
+    if named is None:
+        # An unnamed column (a trailing comma in the header) cannot be a task.
+        named = [column for column in columns if column and column not in RESERVED_COLUMNS]
+    else:
+        absent = [name for name in named if name not in columns]
+        if absent:
+            raise DataError(f"{path}: no task column(s) {absent}; columns found: {columns}")
+    if not named:
+        raise DataError(
+            f"{path}: no task column; columns found: {columns} "
+            f"(every column but {list(RESERVED_COLUMNS)} is a task)"
+        )
+    unknown = sorted(forced - set(named))
+    if unknown:
+        raise ConfigError(f"multi_label names {unknown}, which are not tasks of {path}: {named}")
+
+    tasks: dict[str, TaskSpec] = {}
+    for name in named:
+        cells = [cells[name] for _, cells in rows]
+        is_multi = name in forced or any(_LABEL_SEPARATOR in cell for cell in cells)
+        classes = sorted({label for cell in cells for label in _split_labels(cell, is_multi)})
+        if len(classes) < (1 if is_multi else 2):
+            kind = "multi-label" if is_multi else "single-label"
+            raise DataError(
+                f"{path}: column {name!r} has {len(classes)} distinct label(s) {classes}; "
+                f"a {kind} task needs at least {1 if is_multi else 2}"
+            )
+        tasks[name] = TaskSpec.from_classes(classes, multi_label=is_multi)
+    return tasks
+
+
+# --------------------------------------------------------------------------------------------
+# The data set
+# --------------------------------------------------------------------------------------------
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        # A name the OS refuses (too long, NUL byte) names no readable file either.
+        return False
+
+
+class ManifestDataset(Dataset):
+    """Image+text samples with multi-task labels, listed in a CSV or JSONL manifest.
+
+    Every row is validated at construction. Rows that cannot be used are skipped and counted in
+    :attr:`skipped` (reason → count) with one warning on the ``fusionkit.data`` logger, or raise,
+    depending on ``on_error``:
+
+    - ``missing_image_file``: the image cell names a file that does not exist;
+    - ``unknown_label``: a label is not among its task's classes;
+    - ``no_image_no_text``: both the image and the text cell are empty (always skipped).
+
+    An empty text cell makes the text missing (``None``), an empty image cell the image; both
+    are counted in :attr:`missing_modalities`. An image that exists but cannot be decoded (corrupt,
+    truncated, or over Pillow's decompression-bomb limit) becomes a missing image when the sample
+    is loaded: :attr:`load_failures` counts such images (per process: each DataLoader worker has
+    its own copy) and each is logged once.
+
+    Args:
+        path: The ``.csv``, ``.jsonl`` or ``.ndjson`` manifest.
+        tasks: Task name → :class:`TaskSpec`, e.g. from :func:`infer_tasks` on the training
+            split; every task needs a column of that name.
+        image_transform: Maps an RGB PIL image to a ``(3, H, W)`` float tensor; by default the
+            pixels scaled to ``[0, 1]``.
+        on_error: ``"skip"`` to skip and count bad rows, ``"raise"`` to raise on the first one.
+
+    Raises:
+        DataError: The manifest cannot be read or lacks the ``image``, ``text`` or a task column;
+            a line is malformed; two rows share an id; or, with ``on_error="raise"``, a row names
+            a missing image file or an unknown label.
+        ConfigError: ``on_error`` or ``tasks`` is invalid.
+
+    Example:
+        >>> data = ManifestDataset("train.csv", infer_tasks("train.csv"))  # doctest: +SKIP
+        >>> sorted(data[0])  # doctest: +SKIP
+        ['id', 'image', 'targets', 'text']
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        tasks: Mapping[str, TaskSpec],
+        image_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        *,
+        on_error: Literal["skip", "raise"] = "skip",
+    ) -> None:
+        if on_error not in ("skip", "raise"):
+            raise ConfigError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
+        if not isinstance(tasks, Mapping) or not all(
+            isinstance(spec, TaskSpec) for spec in tasks.values()
+        ):
+            raise ConfigError("tasks must map task names to TaskSpec objects")
+        self.path, columns, rows = _read_manifest(path)
+        for required in ("image", "text", *tasks):
+            if required not in columns:
+                kind = "task column" if required in tasks else "column"
+                raise DataError(f"{self.path}: no {kind} {required!r}; columns found: {columns}")
+
+        self.tasks: dict[str, TaskSpec] = dict(tasks)
+        self.image_transform = image_transform
+        self.on_error = on_error
+        self.skipped: dict[str, int] = {}
+        self.missing_modalities: dict[str, int] = {"image": 0, "text": 0}
+        self.load_failures = 0
+        self._unreadable: set[int] = set()
+        self._class_index = {
+            name: {label: k for k, label in enumerate(spec.class_names())}
+            for name, spec in self.tasks.items()
+        }
+        self._examples: dict[str, list[str]] = {}
+        seen_ids: dict[str, int] = {}
+        self.records: list[ManifestRecord] = []
+        for row, (line, cells) in enumerate(rows, start=1):
+            record = self._validate(row, line, cells, seen_ids)
+            if record is not None:
+                self.records.append(record)
+        self._log_summary(len(rows))
+
+    def _skip(self, reason: str, example: str, error: str | None) -> None:
+        """Count a skipped row, or raise ``error`` with ``on_error="raise"`` (if one is given)."""
+        if self.on_error == "raise" and error is not None:
+            raise DataError(error)
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+        examples = self._examples.setdefault(reason, [])
+        if len(examples) < _EXAMPLES:
+            examples.append(example)
+
+    def _validate(
+        self, row: int, line: int, cells: Mapping[str, str], seen_ids: dict[str, int]
+    ) -> ManifestRecord | None:
+        # Rows count data records from 1; lines differ once a CSV cell spans several lines.
+        where = f"{self.path}, row {row} (line {line})"
+        sample_id = cells.get("id", "").strip() or f"{self.path.stem}:{line}"
+        if sample_id in seen_ids:
+            raise DataError(
+                f"{where}: id {sample_id!r} is already used on line {seen_ids[sample_id]}"
+            )
+        seen_ids[sample_id] = line
+
+        image_cell = cells["image"].strip()
+        image_path: Path | None = None
+        if image_cell:
+            # Path("/abs") joined to the folder stays absolute, so both kinds work.
+            image_path = self.path.parent / image_cell
+            if not _is_file(image_path):
+                self._skip(
+                    "missing_image_file",
+                    f"line {line}: {image_path}",
+                    f"{where}: image file {str(image_path)!r} does not exist",
+                )
+                return None
+        text = cells["text"].strip() or None
+        if image_path is None and text is None:
+            # Not an error: such a row has nothing to learn from, whatever on_error says.
+            self._skip("no_image_no_text", f"line {line}", None)
+            return None
+
+        targets: dict[str, Target] = {}
+        for name, spec in self.tasks.items():
+            labels = _split_labels(cells[name], spec.multi_label)
+            known = self._class_index[name]
+            unknown = [label for label in labels if label not in known]
+            if unknown:
+                hint = (
+                    f" ({name!r} is single-label: '|' does not separate labels)"
+                    if not spec.multi_label and _LABEL_SEPARATOR in unknown[0]
+                    else ""
+                )
+                self._skip(
+                    "unknown_label",
+                    f"line {line}: {name}={unknown[0]!r:.60}",
+                    f"{where}, column {name!r}: label {unknown[0]!r} is not a known class{hint}; "
+                    f"known classes: {list(spec.class_names())}",
+                )
+                return None
+            if not labels:
+                targets[name] = None
+            elif spec.multi_label:
+                targets[name] = sorted({known[label] for label in labels})
+            else:
+                targets[name] = known[labels[0]]
+
+        self.missing_modalities["image"] += int(image_path is None)
+        self.missing_modalities["text"] += int(text is None)
+        return ManifestRecord(sample_id, image_path, text, targets, line)
+
+    def _log_summary(self, total: int) -> None:
+        if self.skipped:
+            details = "; ".join(
+                f"{reason}: {count} (e.g. {', '.join(self._examples[reason])})"
+                for reason, count in self.skipped.items()
+            )
+            _LOG.warning(
+                "%s: skipped %d of %d rows: %s",
+                self.path, sum(self.skipped.values()), total, details,
+            )
+        if self.missing_modalities["text"] or self.missing_modalities["image"]:
+            _LOG.warning(
+                "%s: %d of %d samples have no text and %d no image; they are used with the "
+                "other modality alone",
+                self.path, self.missing_modalities["text"], len(self.records),
+                self.missing_modalities["image"],
+            )
+        if not self.records:
+            _LOG.warning("%s: no usable sample", self.path)
+
+    def __len__(self) -> int:
+        """The number of usable samples (rows minus skipped ones)."""
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> Sample:
+        """Load one sample.
+
+        Args:
+            index: Position of the sample, ``0 <= index < len(self)``.
+
+        Returns:
+            ``{"id": str, "image": Tensor (3, H, W) | None, "text": str | None,
+            "targets": {task: int | list[int] | None}}``.
+
+        Raises:
+            IndexError: ``index`` is out of range.
+
+        Example:
+            >>> data[0]["targets"]  # doctest: +SKIP
+            {'color': 3, 'pattern': [1, 4], 'category': None}
+        """
+        record = self.records[index]
+        image = None
+        if record.image_path is not None:
+            image = self._load_image(index % len(self.records), record)
+        targets = {
+            name: list(target) if isinstance(target, list) else target
+            for name, target in record.targets.items()
+        }
+        return {"id": record.id, "image": image, "text": record.text, "targets": targets}
+
+    def _load_image(self, index: int, record: ManifestRecord) -> torch.Tensor | None:
+        if index in self._unreadable:
+            return None
+        try:
+            with warnings.catch_warnings():
+                # Over Pillow's pixel limit only warns; such a file is treated as unreadable.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(record.image_path) as raw:
+                    picture = ImageOps.exif_transpose(raw)
+                    if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
+                        # Transparent product cut-outs belong on white, not on black.
+                        white = Image.new("RGBA", picture.size, (255, 255, 255, 255))
+                        picture = Image.alpha_composite(white, picture.convert("RGBA"))
+                    picture = picture.convert("RGB")
+        except Exception as error:
+            # Pillow's decoders raise many types on bad files (OSError, SyntaxError,
+            # struct.error, DecompressionBombError, ...); any of them means "no image".
+            self._unreadable.add(index)
+            self.load_failures += 1
+            _LOG.warning(
+                "%s, line %d: cannot read image %s (%s: %s); sample %r is used without its "
+                "image (%d load failure(s) so far)",
+                self.path, record.line, record.image_path, type(error).__name__, error,
+                record.id, self.load_failures,
+            )
+            return None
+        if self.image_transform is not None:
+            return self.image_transform(picture)
+        return pil_to_tensor(picture).float() / 255
