@@ -133,7 +133,8 @@ class MultiTaskHead(nn.Module):
             return
         if tuple(weight.shape) != (spec.num_classes,):
             raise ShapeError(f"class weight of {task!r} must have shape ({spec.num_classes},)")
-        self.register_buffer(buffer, weight.detach().float().clone())
+        # Not persistent: a training choice, not part of the model weights.
+        self.register_buffer(buffer, weight.detach().float().clone(), persistent=False)
         self._class_weights[task] = buffer
 
     def forward(self, features: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -1,0 +1,206 @@
+"""The ``fusionkit`` command: ``train``, ``evaluate``, ``predict`` and ``list``.
+
+Errors fusionkit raises on purpose (bad config, bad data, bad checkpoint) print one line
+``error: ...`` with a hint and exit with code 2; ``--debug`` shows the traceback.
+
+Example:
+    $ fusionkit train --train data/train.csv --val data/val.csv --output runs/mine
+    $ fusionkit evaluate --checkpoint runs/mine --data data/test.csv
+    $ fusionkit predict --checkpoint runs/mine --image shirt.png --text "red striped tee" --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["build_parser", "main"]
+
+_HINTS = {
+    "ConfigError": "check the config keys and values (see configs/quickstart.yaml)",
+    "DataError": "check the manifest: columns image, text, id and one per task",
+    "CheckpointError": "point --checkpoint at a run folder or its best/ or last/ folder",
+    "TrainingError": "lower train.lr or check the data; resume from last/ with --resume",
+    "RegistryError": "run `fusionkit list` to see the registered components",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``fusionkit`` command.
+
+    Returns:
+        The parser with its subcommands.
+
+    Example:
+        >>> build_parser().parse_args(["list", "model"]).kind
+        'model'
+    """
+    parser = argparse.ArgumentParser(
+        prog="fusionkit", description="Multimodal fusion (CMA-CLIP) from the command line."
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train a model")
+    train.add_argument("--config", help="run config YAML (model + data + train sections)")
+    train.add_argument("--train", help="training manifest (overrides data.train)")
+    train.add_argument("--val", help="validation manifest (overrides data.val)")
+    train.add_argument("--tasks", help="comma-separated task columns (default: all)")
+    train.add_argument("--output", default="runs/default", help="run folder")
+    train.add_argument("--epochs", type=int, help="overrides train.epochs")
+    train.add_argument("--seed", type=int, help="overrides train.seed")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), help="overrides train.device")
+    train.add_argument("--resume", action="store_true", help="continue from OUTPUT/last")
+
+    evaluate = commands.add_parser("evaluate", help="evaluate a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    evaluate.add_argument("--data", help="manifest (default: the config's data.test)")
+    evaluate.add_argument(
+        "--precision", type=float, nargs="+", default=[0.9], help="precision(s) for recall@P"
+    )
+    evaluate.add_argument("--output", help="report path (default RUN/report.json)")
+    evaluate.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    predict = commands.add_parser("predict", help="predict with a checkpoint")
+    predict.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    predict.add_argument("--image", help="image file")
+    predict.add_argument("--text", help="text")
+    predict.add_argument("--manifest", help="manifest to predict (with --out)")
+    predict.add_argument("--out", help="output .csv or .jsonl for --manifest")
+    predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    predict.add_argument("--json", action="store_true", help="print JSON")
+
+    listing = commands.add_parser("list", help="list registered components")
+    listing.add_argument("kind", nargs="?", help="component kind (default: all)")
+    listing.add_argument("--pattern", default="*", help="fnmatch wildcard")
+    return parser
+
+
+def _train(args: argparse.Namespace) -> int:
+    from fusionkit.training import Trainer, build_run_config
+
+    if args.config is None and (args.train is None or args.val is None):
+        from fusionkit.errors import ConfigError
+
+        raise ConfigError("give --config, or both --train and --val")
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    config = build_run_config(
+        args.config,
+        train=args.train,
+        val=args.val,
+        tasks=tasks,
+        epochs=args.epochs,
+        seed=args.seed,
+        device=args.device,
+    )
+    result = Trainer(config, args.output, resume=args.resume, progress=not args.quiet).fit()
+    last = result.history[-1] if result.history else {}
+    print(
+        f"trained {len(result.history)} epoch(s); best mean val accuracy "
+        f"{result.best_score:.4f}; last {last.get('val_mean_accuracy', float('nan')):.4f}"
+    )
+    print(f"checkpoints: {result.best_dir} (best), {result.last_dir} (last)")
+    return 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from fusionkit.training import evaluate_checkpoint, format_report
+
+    report = evaluate_checkpoint(
+        args.checkpoint,
+        args.data,
+        precisions=args.precision,
+        device=args.device,
+        output=args.output,
+    )
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print(format_report(report))
+        print(f"report: {report['report_path']}")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from fusionkit.errors import ConfigError
+    from fusionkit.training import Predictor
+
+    if args.manifest is None and args.image is None and args.text is None:
+        raise ConfigError("give --image and/or --text, or --manifest with --out")
+    if args.manifest is not None and args.out is None:
+        raise ConfigError("--manifest needs --out (a .csv or .jsonl path)")
+    predictor = Predictor.from_pretrained(args.checkpoint, device=args.device)
+    if args.manifest is not None:
+        path = predictor.predict_manifest(args.manifest, args.out)
+        print(f"predictions: {path}")
+        return 0
+    result = predictor.predict(
+        images=[args.image] if args.image is not None and predictor.model.vision else None,
+        texts=[args.text] if args.text is not None and predictor.model.text else None,
+    )[0]
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    for task, entry in result.items():
+        label = entry.get("label") or ", ".join(entry.get("labels", [])) or "(none)"
+        score = f" ({entry['score']:.3f})" if "score" in entry else ""
+        shares = " ".join(f"{m}={w:.2f}" for m, w in entry["modality_weights"].items())
+        print(f"{task}: {label}{score}  weights: {shares}")
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from fusionkit.registry import list_components
+
+    listing: Any = list_components(args.kind, args.pattern)
+    if isinstance(listing, list):
+        listing = {args.kind: listing}
+    for kind, names in listing.items():
+        print(f"{kind}: {', '.join(names) if names else '(none)'}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``fusionkit`` command.
+
+    Args:
+        argv: Arguments (default ``sys.argv[1:]``).
+
+    Returns:
+        The exit code: 0 on success, 2 on a fusionkit error (one line on stderr).
+
+    Example:
+        >>> main(["list", "model"])  # doctest: +SKIP
+        model: cma_clip
+    """
+    # Before transformers or huggingface_hub are imported: never reach for the network.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    from fusionkit.errors import FusionkitError
+
+    handlers = {"train": _train, "evaluate": _evaluate, "predict": _predict, "list": _list}
+    try:
+        return handlers[args.command](args)
+    except FusionkitError as error:
+        if args.debug:
+            raise
+        message = " ".join(str(error).split())
+        hint = _HINTS.get(type(error).__name__, "run with --debug for the traceback")
+        print(f"error: {message}\nhint: {hint}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,205 @@
+"""Validated ``data`` and ``train`` sections of a run config.
+
+:class:`~fusionkit.models.ModelConfig` keeps these two sections as given; this module turns them
+into typed dataclasses. Unknown keys and wrong types raise :class:`~fusionkit.errors.ConfigError`
+naming the key path (``train.lr``) with a "did you mean" hint.
+
+```yaml
+data:
+  train: runs/quickstart/data/train.csv   # relative paths are read from the working directory
+  val: runs/quickstart/data/val.csv
+  test: runs/quickstart/data/test.csv
+  image_size: 96                           # overrides the backbone's input size
+  batch_size: 32
+train:
+  epochs: 8
+  lr: 1.0e-3
+  lr_backbone: 1.0e-5
+  cache_features: auto                     # frozen backbones: encode once, reuse every epoch
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from fusionkit.errors import ConfigError
+
+__all__ = ["DataConfig", "TrainConfig", "parse_section"]
+
+
+@dataclass
+class DataConfig:
+    """The ``data`` section: where the manifests are and how batches are built.
+
+    Attributes:
+        train: Training manifest (``.csv`` / ``.jsonl``).
+        val: Validation manifest, used for per-epoch metrics and the best checkpoint.
+        test: Test manifest, used by ``fusionkit evaluate`` when no ``--data`` is given.
+        tasks: Task columns to use (default: every label column, or the model's tasks).
+        multi_label: Task columns to treat as multi-label even without a ``|`` cell.
+        image_size: Square input side in pixels, overriding the backbone's default size.
+        batch_size: Training batch size.
+        eval_batch_size: Batch size for evaluation and feature encoding.
+        num_workers: DataLoader worker processes (0 = load in the main process).
+        on_error: ``skip`` bad rows (counted and logged) or ``raise`` on the first one.
+
+    Example:
+        >>> parse_section(DataConfig, {"train": "train.csv", "batch_size": 8}, "data").batch_size
+        8
+    """
+
+    train: str | None = None
+    val: str | None = None
+    test: str | None = None
+    tasks: list[str] | None = None
+    multi_label: list[str] = field(default_factory=list)
+    image_size: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    num_workers: int = 0
+    on_error: Literal["skip", "raise"] = "skip"
+
+    def __post_init__(self) -> None:
+        _positive(self.batch_size, "data.batch_size")
+        _positive(self.eval_batch_size, "data.eval_batch_size")
+        if self.image_size is not None:
+            _positive(self.image_size, "data.image_size")
+        if self.num_workers < 0:
+            raise ConfigError(f"data.num_workers: expected >= 0, got {self.num_workers}")
+
+
+@dataclass
+class TrainConfig:
+    """The ``train`` section: optimisation, schedule, checkpoints and the feature cache.
+
+    Attributes:
+        epochs: Number of passes over the training set.
+        lr: Learning rate of the fusion layers and heads.
+        lr_backbone: Learning rate of trainable encoder parameters.
+        weight_decay: AdamW weight decay (not applied to biases and norm weights).
+        warmup_ratio: Share of all steps spent in linear warm-up before the cosine decay.
+        min_lr_ratio: Final learning rate as a share of the peak.
+        grad_clip: Max gradient norm; 0 disables clipping.
+        amp: Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.
+        seed: Seed of model init, shuffling, dropout and augmentation.
+        device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
+        class_weight: ``balanced`` weights every task's loss by inverse class frequency.
+        augment: Random crop and flip on training images (only without the feature cache).
+        cache_features: ``auto``: cache encoder tokens when every used encoder is frozen;
+            ``true`` requires it; ``false`` never caches.
+        cache_dir: Folder of the feature cache (default ``~/.cache/fusionkit/features``).
+        cache_dtype: Storage dtype of cached tokens.
+        save_every_steps: Also checkpoint ``last/`` every N optimizer steps (0 = epoch ends).
+        deterministic: Ask torch for deterministic algorithms (``warn_only``).
+
+    Example:
+        >>> parse_section(TrainConfig, {"epochs": 3, "lr": 5e-4}, "train").lr
+        0.0005
+    """
+
+    epochs: int = 10
+    lr: float = 1e-3
+    lr_backbone: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    amp: bool = True
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    class_weight: Literal["none", "balanced"] = "none"
+    augment: bool = True
+    cache_features: bool | Literal["auto"] = "auto"
+    cache_dir: str | None = None
+    cache_dtype: Literal["float16", "float32"] = "float16"
+    save_every_steps: int = 0
+    deterministic: bool = True
+
+    def __post_init__(self) -> None:
+        _positive(self.epochs, "train.epochs")
+        for name in ("lr", "lr_backbone", "weight_decay", "grad_clip", "save_every_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
+        for name in ("warmup_ratio", "min_lr_ratio"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"train.{name}: expected a number in [0, 1]")
+
+
+def _positive(value: int, path: str) -> None:
+    if value < 1:
+        raise ConfigError(f"{path}: expected a positive integer, got {value}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(hint))
+    if origin is Literal:
+        return any(value == arg and type(value) is type(arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    return False
+
+
+def _describe(hint: Any) -> str:
+    if isinstance(hint, type):
+        return hint.__name__
+    return str(hint).replace("typing.", "").replace("NoneType", "null")
+
+
+_Section = typing.TypeVar("_Section", DataConfig, TrainConfig)
+
+
+def parse_section(cls: type[_Section], raw: Mapping[str, Any] | None, path: str) -> _Section:
+    """Validate a raw config section into its dataclass.
+
+    Args:
+        cls: :class:`DataConfig` or :class:`TrainConfig`.
+        raw: The section as read from YAML (``None`` = all defaults).
+        path: The section's key (``"data"`` or ``"train"``) for error messages.
+
+    Returns:
+        The dataclass with defaults filled in; floats given as ints are converted.
+
+    Raises:
+        ConfigError: Not a mapping, an unknown key (with a "did you mean"), a wrong type or an
+            out-of-range value; the message starts with the key path.
+
+    Example:
+        >>> parse_section(TrainConfig, {"epoch": 3}, "train")
+        Traceback (most recent call last):
+        fusionkit.errors.ConfigError: train.epoch: unknown key; did you mean 'epochs'? ...
+    """
+    raw = {} if raw is None else raw
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{path}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key not in hints:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ConfigError(f"{path}.{key}: unknown key; {hint}accepted: {', '.join(names)}")
+        if not _matches(value, hints[key]):
+            raise ConfigError(f"{path}.{key}: expected {_describe(hints[key])}, got {value!r}")
+        values[key] = float(value) if hints[key] is float else value
+    return cls(**values)

@@ -1,0 +1,233 @@
+"""Prediction with a trained checkpoint: labels, scores and modality weights per task.
+
+Example:
+    >>> predictor = Predictor.from_pretrained("runs/quickstart/best")  # doctest: +SKIP
+    >>> predictor.predict(images=["shirt.png"], texts=["red striped tee"])[0]["color"]["label"]
+    ... # doctest: +SKIP
+    'red'
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+
+from fusionkit.errors import DataError
+from fusionkit.io import atomic_write
+from fusionkit.training.metrics import MULTI_LABEL_THRESHOLD
+
+__all__ = ["Predictor"]
+
+
+class Predictor:
+    """Classify image+text samples with a trained model.
+
+    Args:
+        model: A trained :class:`~fusionkit.models.CMACLIP`.
+        image_transform: PIL → tensor transform of the model's vision backbone.
+        device: Where to run.
+        batch_size: Samples per forward pass.
+
+    Example:
+        >>> predictor = Predictor.from_pretrained("runs/quickstart")  # doctest: +SKIP
+        >>> predictor.predict(texts=["navy polka dot dress"])  # doctest: +SKIP
+        [{'color': {'label': 'blue', 'score': 0.97, ...}, ...}]
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        image_transform: Any = None,
+        device: torch.device | str = "cpu",
+        batch_size: int = 32,
+    ) -> None:
+        self.model = model.to(device).eval()
+        self.image_transform = image_transform
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str | os.PathLike[str], device: str = "auto", batch_size: int = 32
+    ) -> Predictor:
+        """Load a checkpoint folder (or a run folder: its ``best/``).
+
+        Args:
+            directory: ``run/best``, ``run/last`` or ``run``.
+            device: ``auto``, ``cpu`` or ``cuda``.
+            batch_size: Samples per forward pass.
+
+        Returns:
+            The predictor, using the checkpoint's evaluation image transform.
+
+        Raises:
+            CheckpointError: The checkpoint cannot be loaded.
+
+        Example:
+            >>> predictor = Predictor.from_pretrained("runs/quickstart/best")  # doctest: +SKIP
+        """
+        from fusionkit.data import build_image_transform
+        from fusionkit.models import CMACLIP
+        from fusionkit.training.config import DataConfig, parse_section
+        from fusionkit.training.loop import image_data_config, resolve_device, resolve_run_dir
+
+        dev = resolve_device(device)
+        model = CMACLIP.from_pretrained(resolve_run_dir(directory), map_location=dev)
+        transform = None
+        if model.vision is not None:
+            data = parse_section(DataConfig, model.config.sections.get("data"), "data")
+            transform = build_image_transform(image_data_config(model, data.image_size))
+        return cls(model, transform, dev, batch_size)
+
+    def _image(self, image: Image.Image | str | os.PathLike[str] | None) -> torch.Tensor | None:
+        if image is None:
+            return None
+        if not isinstance(image, Image.Image):
+            try:
+                with Image.open(image) as raw:
+                    image = raw.convert("RGB")
+            except (OSError, ValueError) as error:
+                raise DataError(f"cannot read image {image}: {error}") from None
+        return self.image_transform(image.convert("RGB"))
+
+    def _describe(self, output: Any, row: int) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for task, spec in self.model.tasks.items():
+            logits = output.logits[task][row].float()
+            names = spec.class_names()
+            weights = {
+                m: round(float(w), 6)
+                for m, w in zip(self.model.modalities, output.modality_weights[task][row],
+                                strict=True)
+            }
+            if spec.multi_label:
+                probs = logits.sigmoid()
+                labels = [n for n, p in zip(names, probs, strict=True)
+                          if p >= MULTI_LABEL_THRESHOLD]
+                entry: dict[str, Any] = {"labels": labels}
+            else:
+                probs = logits.softmax(dim=0)
+                best = int(probs.argmax())
+                entry = {"label": names[best], "score": round(float(probs[best]), 6)}
+            entry["scores"] = {n: round(float(p), 6) for n, p in zip(names, probs, strict=True)}
+            entry["modality_weights"] = weights
+            result[task] = entry
+        return result
+
+    @torch.no_grad()
+    def predict(
+        self,
+        images: Sequence[Image.Image | str | os.PathLike[str] | None] | None = None,
+        texts: Sequence[str | None] | None = None,
+    ) -> list[dict[str, Any]]:
+        """Predict every task for each sample.
+
+        Args:
+            images: PIL images or paths (``None`` for a sample without image).
+            texts: Texts (``None`` or empty for a sample without text).
+
+        Returns:
+            Per sample, task → ``{"label", "score"}`` (single-label) or ``{"labels"}``
+            (multi-label, probability >= 0.5), plus ``"scores"`` per class and
+            ``"modality_weights"``.
+
+        Raises:
+            DataError: No input, lists of different lengths, an unreadable image, or a
+                modality the model does not have.
+
+        Example:
+            >>> predictor.predict(texts=["red tee"], images=["tee.png"])  # doctest: +SKIP
+        """
+        if images is None and texts is None:
+            raise DataError("give images, texts or both")
+        count = len(images if images is not None else texts)
+        if images is not None and texts is not None and len(images) != len(texts):
+            raise DataError(f"{len(images)} images but {len(texts)} texts")
+        if images is not None and self.model.vision is None:
+            raise DataError("this model has no vision encoder; give texts only")
+        if texts is not None and self.model.text is None:
+            raise DataError("this model has no text encoder; give images only")
+        results: list[dict[str, Any]] = []
+        for start in range(0, count, self.batch_size):
+            stop = min(count, start + self.batch_size)
+            kwargs: dict[str, Any] = {}
+            if images is not None:
+                loaded = [self._image(image) for image in images[start:stop]]
+                present = torch.tensor([t is not None for t in loaded])
+                shape = next((t.shape for t in loaded if t is not None), None)
+                if shape is None:
+                    size = self.image_transform(Image.new("RGB", (8, 8))).shape
+                    shape = size
+                kwargs["images"] = torch.stack(
+                    [t if t is not None else torch.zeros(shape) for t in loaded]
+                ).to(self.device)
+                kwargs["present"] = {"image": present.to(self.device)}
+            if texts is not None:
+                kwargs["texts"] = [t if t else None for t in texts[start:stop]]
+            output = self.model(**kwargs)
+            results.extend(self._describe(output, row) for row in range(stop - start))
+        return results
+
+    def predict_manifest(
+        self, manifest: str | os.PathLike[str], out: str | os.PathLike[str]
+    ) -> Path:
+        """Predict every row of a manifest and write ``.csv`` or ``.jsonl`` results.
+
+        The CSV has ``id`` and per task the label(s) (``|``-joined for multi-label) and the
+        modality weights; the JSONL holds the full :meth:`predict` output per sample.
+
+        Args:
+            manifest: A ``.csv``/``.jsonl`` manifest with ``image`` and ``text`` columns (label
+                columns are not needed).
+            out: Output path ending in ``.csv`` or ``.jsonl``.
+
+        Returns:
+            The output path.
+
+        Raises:
+            DataError: Unreadable manifest, or an unknown output format.
+
+        Example:
+            >>> predictor.predict_manifest("test.csv", "predictions.csv")  # doctest: +SKIP
+        """
+        from fusionkit.data import ManifestDataset
+
+        out = Path(out)
+        if out.suffix not in (".csv", ".jsonl"):
+            raise DataError(f"{out}: output must end in .csv or .jsonl")
+        dataset = ManifestDataset(manifest, {})
+        records = dataset.records
+        predictions = self.predict(
+            images=[r.image_path for r in records] if self.model.vision is not None else None,
+            texts=[r.text for r in records] if self.model.text is not None else None,
+        )
+        rows = [{"id": r.id, **p} for r, p in zip(records, predictions, strict=True)]
+        if out.suffix == ".jsonl":
+            text = "".join(json.dumps(row) + "\n" for row in rows)
+            atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+            return out
+        header = ["id"]
+        for task in self.model.tasks:
+            header += [task, *(f"{task}_{m}_weight" for m in self.model.modalities)]
+
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="", encoding="utf-8") as handle:
+                writer = csv.writer(handle, lineterminator="\n")
+                writer.writerow(header)
+                for row in rows:
+                    cells = [row["id"]]
+                    for task in self.model.tasks:
+                        entry = row[task]
+                        cells.append(entry.get("label") or "|".join(entry.get("labels", [])))
+                        cells += [entry["modality_weights"][m] for m in self.model.modalities]
+                    writer.writerow(cells)
+
+        atomic_write(out, write)
+        return out

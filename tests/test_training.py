@@ -1,0 +1,193 @@
+"""The trainer: checkpoints, exact resume after SIGKILL, the feature cache, NaN handling."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fusionkit.data import generate_catalogue
+from fusionkit.errors import ConfigError
+from fusionkit.io import load_weights
+from fusionkit.models import CMACLIP
+from fusionkit.training import Predictor, Trainer, TrainingError, build_run_config
+from fusionkit.training.config import TrainConfig, parse_section
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def catalogue(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("catalogue")
+    return generate_catalogue(folder, train=40, val=12, test=12, image_size=32, progress=False)
+
+
+def tiny_config(catalogue, bert, tmp_path, *, frozen=True, **train):
+    """A tiny run config: random resnet18 at 32 px, the tiny BERT, a 32-wide fusion."""
+    return {
+        "vision": {"name": "timm", "model_name": "resnet18", "pretrained": False,
+                   "freeze": frozen},
+        "text": {"name": "huggingface", "model_name_or_path": str(bert), "freeze": frozen,
+                 "max_length": 16},
+        "fusion": {"dim": 32, "sequence": {"name": "transformer", "heads": 2}},
+        "head": {"name": "mlp", "hidden_dim": 32},
+        "data": {"train": str(catalogue["train"]), "val": str(catalogue["val"]),
+                 "test": str(catalogue["test"]), "image_size": 32, "batch_size": 8},
+        "train": {"epochs": 2, "lr": 3e-3, "device": "cpu", "warmup_ratio": 0.0,
+                  "cache_dir": str(tmp_path / "cache"), **train},
+    }
+
+
+def fit(config, output, **kwargs):
+    return Trainer(build_run_config(config), output, progress=False, **kwargs).fit()
+
+
+def test_train_two_epochs_writes_metrics_and_loadable_checkpoints(catalogue, tiny_bert_dir,
+                                                                   tmp_path):
+    result = fit(tiny_config(catalogue, tiny_bert_dir, tmp_path, epochs=2), tmp_path / "run")
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+    assert result.history[1]["train_loss"] < result.history[0]["train_loss"]
+    for name in ("best", "last"):
+        model = CMACLIP.from_pretrained(tmp_path / "run" / name)
+        assert set(model.tasks) == {"color", "pattern", "category"}
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["epochs"] == 2
+    predictor = Predictor.from_pretrained(tmp_path / "run", device="cpu")
+    image = catalogue["test"].parent / "images" / "test-00000.png"
+    out = predictor.predict(images=[image, None], texts=["red striped shirt", "blue bag"])
+    assert out[0]["color"]["label"] in predictor.model.tasks["color"].classes
+    assert isinstance(out[0]["pattern"]["labels"], list)
+    assert out[1]["color"]["modality_weights"]["image"] == 0.0
+    assert sum(out[0]["category"]["modality_weights"].values()) == pytest.approx(1.0)
+
+
+def _count_encoder_calls(monkeypatch):
+    calls = {"n": 0}
+    original = CMACLIP.forward_features
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(CMACLIP, "forward_features", counting)
+    return calls
+
+
+def test_feature_cache_encodes_once_and_matches_uncached(catalogue, tiny_bert_dir, tmp_path,
+                                                          monkeypatch):
+    calls = _count_encoder_calls(monkeypatch)
+    config = tiny_config(catalogue, tiny_bert_dir, tmp_path, epochs=3, augment=False,
+                         cache_dtype="float32")
+    cached = fit(config, tmp_path / "cached")
+    # One encoding pass per split (40 and 12 samples, eval batches of 64), none in epochs 2+.
+    assert calls["n"] == 2
+    assert cached.cache_stats.misses == 2 and cached.cache_stats.encoded_batches == 2
+    again = fit(config, tmp_path / "cached-again")
+    assert calls["n"] == 2 and again.cache_stats.hits == 2
+
+    plain = fit({**config, "train": {**config["train"], "cache_features": False}},
+                tmp_path / "plain")
+    assert plain.cache_stats is None
+    assert calls["n"] > 2 + 3 * 5
+    a = load_weights(tmp_path / "cached" / "last" / "model.safetensors")
+    b = load_weights(tmp_path / "plain" / "last" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        # Both paths compute the same losses, but float rounding of near-zero gradients differs
+        # and Adam turns it into steps of up to lr each: 15 steps x lr 3e-3 bound the drift.
+        torch.testing.assert_close(a[key], b[key], rtol=0.0, atol=15 * 3e-3)
+    assert cached.history[-1]["val_loss"] == pytest.approx(plain.history[-1]["val_loss"],
+                                                           rel=0.02)
+
+
+def _train_cli(config_path, output, *extra):
+    env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "fusionkit", "-q", "train", "--config", str(config_path),
+               "--output", str(output), *extra]
+    return subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def _state(folder):
+    path = folder / "last" / "trainer_state.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_identical(catalogue, tiny_bert_dir, tmp_path):
+    # Trainable encoders with augmentation: no cache, dropout and crops draw from the RNG.
+    config = tiny_config(catalogue, tiny_bert_dir, tmp_path, frozen=False, epochs=4,
+                         save_every_steps=2, lr_backbone=1e-4)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+
+    reference = _train_cli(path, tmp_path / "reference")
+    killed_dir = tmp_path / "killed"
+    run = _train_cli(path, killed_dir)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and run.poll() is None:
+        state = _state(killed_dir)
+        if state and state["epoch"] == 1 and state["batch_in_epoch"] >= 2:
+            break
+        time.sleep(0.01)
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+    assert run.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    assert _state(killed_dir)["epoch"] < 4
+
+    resumed = _train_cli(path, killed_dir, "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert reference.wait(timeout=300) == 0, reference.stderr.read()
+    a = load_weights(killed_dir / "last" / "model.safetensors")
+    b = load_weights(tmp_path / "reference" / "last" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    def metrics(folder):
+        records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in records]
+
+    assert metrics(killed_dir) == metrics(tmp_path / "reference")
+
+
+def test_nan_loss_raises_and_keeps_last_checkpoint(catalogue, tiny_bert_dir, tmp_path,
+                                                    monkeypatch):
+    config = tiny_config(catalogue, tiny_bert_dir, tmp_path, epochs=2)
+    fit(config, tmp_path / "run")
+    before = load_weights(tmp_path / "run" / "last" / "model.safetensors")
+    original = CMACLIP.loss
+    calls = {"n": 0}
+
+    def poisoned(self, output, targets):
+        calls["n"] += 1
+        loss = original(self, output, targets)
+        return loss * float("nan") if calls["n"] == 3 else loss
+
+    monkeypatch.setattr(CMACLIP, "loss", poisoned)
+    config["train"]["epochs"] = 3
+    with pytest.raises(TrainingError, match=r"step 3 \(epoch 1, batch 3/5"):
+        fit(config, tmp_path / "run")
+    after = load_weights(tmp_path / "run" / "last" / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert CMACLIP.from_pretrained(tmp_path / "run" / "last") is not None
+
+
+def test_train_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match=r"train\.epoch: unknown key; did you mean 'epochs'"):
+        parse_section(TrainConfig, {"epoch": 3}, "train")
+    with pytest.raises(ConfigError, match=r"train\.lr: expected float, got 'fast'"):
+        parse_section(TrainConfig, {"lr": "fast"}, "train")
+    with pytest.raises(ConfigError, match=r"data\.val"):
+        Trainer(build_run_config({"tasks": {"a": {"num_classes": 2}},
+                                  "data": {"train": "x.csv"}}), "out")
