@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fusionkit-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test lint bench bench-gpu docs docs-serve clean
+.PHONY: setup demo test lint bench bench-gpu bench-report docs docs-serve clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,32 @@ lint: setup
 
 test: lint
 	$(PY) -m pytest -q
+
+BENCH_FLAGS := -q -p no:cacheprovider --benchmark-enable --benchmark-columns=median,min,iqr,rounds
+# On a shared CPU machine, wait up to this many seconds before each case for other processes to
+# go idle (cases timed while others were busy are marked in the report either way).
+BENCH_QUIET_WAIT ?= 60
+
+# CPU, reduced grid, 2 torch threads: a few minutes.
+bench: setup
+	mkdir -p .benchmarks
+	$(PY) -m pytest benchmarks $(BENCH_FLAGS) --bench-device=cpu --bench-threads=2 \
+		--bench-quiet-wait=$(BENCH_QUIET_WAIT) --benchmark-json=.benchmarks/cpu.json
+	$(MAKE) bench-report
+
+# CUDA, full grid (xformers, sdpa and math; bf16 and fp32).
+bench-gpu: setup
+	mkdir -p .benchmarks
+	$(PY) -m pytest benchmarks $(BENCH_FLAGS) --bench-device=cuda \
+		--benchmark-json=.benchmarks/gpu.json
+	$(MAKE) bench-report
+
+# One report from every run present (CPU and GPU side by side).
+bench-report: setup
+	@test -n "$(wildcard .benchmarks/cpu.json .benchmarks/gpu.json)" || \
+		{ echo "no .benchmarks/cpu.json or gpu.json: run make bench or make bench-gpu" >&2; exit 1; }
+	$(PY) -m benchmarks.report $(wildcard .benchmarks/cpu.json .benchmarks/gpu.json) \
+		--out docs/benchmarks
 
 docs: setup
 	$(VENV)/bin/mkdocs build --strict

@@ -35,9 +35,7 @@ def _catalogues() -> dict[float, dict[str, Path]]:
         folder = ROOT / f"text-noise-{noise}"
         shutil.rmtree(folder, ignore_errors=True)
         # Same seed: the same products and images; only the titles differ.
-        paths[noise] = generate_catalogue(
-            folder, **SIZES, seed=0, text_noise=noise, progress=False
-        )
+        paths[noise] = generate_catalogue(folder, **SIZES, seed=0, text_noise=noise, progress=False)
     return paths
 
 

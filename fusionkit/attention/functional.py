@@ -223,16 +223,17 @@ def attention(
     empty = None
     mask = key_padding_mask
     if mask is not None:
-        if bool(mask.all()):
-            mask = None
-        else:
-            # Samples without any real key would give NaN in the fused kernels: let them
-            # attend to everything, then zero their output.
-            empty = ~mask.any(dim=1)
-            if bool(empty.any()):
-                mask = mask | empty[:, None]
-            else:
+        # Samples without any real key would give NaN in the fused kernels: let them attend to
+        # everything, then zero their output. On CPU, inspecting the mask is free and lets a
+        # dense mask be dropped; on an accelerator that would cost two host syncs per call.
+        empty = ~mask.any(dim=1)
+        if mask.device.type == "cpu":
+            if bool(mask.all()):
+                mask = empty = None
+            elif not bool(empty.any()):
                 empty = None
+        if empty is not None:
+            mask = mask | empty[:, None]
     out = _KERNELS[chosen](q, k, v, mask, scale, dropout_p)
     if empty is not None:
         out = out.masked_fill(empty[:, None, None, None], 0.0)

@@ -129,33 +129,72 @@ class SequenceWiseAttention(nn.Module):
         if self.summary_tokens is not None:
             nn.init.trunc_normal_(self.summary_tokens, std=0.02)
 
-    def _concat(
+    def _layout(
         self, tokens: Mapping[str, Tensor], masks: Mapping[str, Tensor]
-    ) -> tuple[Tensor, Tensor, dict[str, tuple[int, int]], dict[str, Tensor]]:
-        pieces, piece_masks, spans, present = [], [], {}, {}
+    ) -> tuple[Tensor, dict[str, tuple[int, int]], dict[str, Tensor]]:
+        """The concatenated sequence's mask, each modality's span in it, and presence."""
+        pieces, spans, present = [], {}, {}
         start = 0
-        for i, name in enumerate(self.modalities):
+        for name in self.modalities:
             if name not in tokens:
                 continue
-            x = self.input_proj[name](tokens[name]) + self.type_embed[i]
             mask = masks[name]
             present[name] = mask.any(dim=1)
             if self.summary_tokens is not None:
-                summary = self.summary_tokens[i].to(x.dtype).expand(x.shape[0], 1, -1)
-                x = torch.cat([summary, x], dim=1)
                 # The summary is a key only where its modality is present, so an absent
                 # modality leaves the others exactly as if it had not been given at all.
                 mask = torch.cat([present[name][:, None], mask], dim=1)
-            elif x.shape[1] == 0 or bool((mask[:, 0] != present[name]).any()):
+            elif mask.shape[1] == 0 or bool((mask[:, 0] != present[name]).any()):
                 raise ValueError(
                     f"summary='first' needs the first {name} token to be real wherever any "
                     f"{name} token is"
                 )
+            pieces.append(mask)
+            spans[name] = (start, start + mask.shape[1])
+            start += mask.shape[1]
+        return torch.cat(pieces, dim=1), spans, present
+
+    def _embed(self, index: int, name: str, x: Tensor) -> Tensor:
+        return self.input_proj[name](x) + self.type_embed[index]
+
+    def _embed_padded(self, tokens: Mapping[str, Tensor]) -> Tensor:
+        pieces = []
+        for i, name in enumerate(self.modalities):
+            if name not in tokens:
+                continue
+            x = self._embed(i, name, tokens[name])
+            if self.summary_tokens is not None:
+                summary = self.summary_tokens[i].to(x.dtype).expand(x.shape[0], 1, -1)
+                x = torch.cat([summary, x], dim=1)
             pieces.append(x)
-            piece_masks.append(mask)
-            spans[name] = (start, start + x.shape[1])
-            start += x.shape[1]
-        return torch.cat(pieces, dim=1), torch.cat(piece_masks, dim=1), spans, present
+        return torch.cat(pieces, dim=1)
+
+    def _embed_packed(
+        self,
+        tokens: Mapping[str, Tensor],
+        masks: Mapping[str, Tensor],
+        spans: Mapping[str, tuple[int, int]],
+        present: Mapping[str, Tensor],
+        positions: Tensor,
+        total: int,
+    ) -> Tensor:
+        # Project only the real tokens: padding never reaches a matmul.
+        values, where = [], []
+        skip = 1 if self.summary_tokens is not None else 0
+        for i, name in enumerate(self.modalities):
+            if name not in spans:
+                continue
+            start, end = spans[name]
+            real = masks[name]
+            values.append(self._embed(i, name, tokens[name][real]))
+            where.append(positions[:, start + skip : end][real])
+            if self.summary_tokens is not None:
+                here = present[name]
+                where.append(positions[:, start][here])
+                summary = self.summary_tokens[i].to(values[-1].dtype)
+                values.append(summary.expand(where[-1].shape[0], -1))
+        source = torch.cat(values)
+        return source.new_zeros(total, self.dim).index_copy(0, torch.cat(where), source)
 
     def _run_padded(self, x: Tensor, mask: Tensor, backend: str, record: list | None) -> Tensor:
         dropout_p = attention_dropout(self, self.dropout)
@@ -169,19 +208,17 @@ class SequenceWiseAttention(nn.Module):
 
         for layer in self.layers:
             x = layer(x, attend)
-        return x.masked_fill(~mask[..., None], 0.0)
+        return x
 
-    def _run_packed(self, x: Tensor, mask: Tensor, backend: str) -> Tensor:
-        seqs = PackedSequences.from_mask(mask)
+    def _run_packed(self, x: Tensor, seqs: PackedSequences, backend: str) -> Tensor:
         dropout_p = attention_dropout(self, self.dropout)
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return varlen_attention(q, k, v, seqs, backend=backend, dropout_p=dropout_p)
 
-        packed: Tensor = seqs.pack(x)
         for layer in self.layers:
-            packed = layer(packed, attend)
-        return seqs.unpack(packed)
+            x = layer(x, attend)
+        return x
 
     def forward(
         self,
@@ -208,23 +245,33 @@ class SequenceWiseAttention(nn.Module):
             ShapeError: Inputs of the wrong rank, width, batch size or mask shape.
         """
         _, masks = check_token_inputs(tokens, masks, self.input_dims)
-        x, mask, spans, present = self._concat(tokens, masks)
-        backend = resolve_backend(self.attention_backend, x)
+        mask, spans, present = self._layout(tokens, masks)
+        backend = resolve_backend(self.attention_backend, next(iter(tokens.values())))
         record: list[Tensor] | None = [] if return_attention else None
+        out = FusionOutput(summaries={}, present=present, attentions=record, spans=spans)
         if record is None and should_pack(self.packing, backend, mask):
-            x = self._run_packed(x, mask, backend)
+            seqs = PackedSequences.from_mask(mask)
+            # Position of every real token of the concatenation in the packed stream.
+            positions = seqs.offsets[:-1, None] + mask.long().cumsum(dim=1) - 1
+            x = self._embed_packed(tokens, masks, spans, present, positions, seqs.total)
+            x = self._run_packed(x, seqs, backend)
+            for name, (start, _) in spans.items():
+                # Absent summaries read any row (clamped) and are zeroed below.
+                rows = positions[:, start].clamp(0, max(seqs.total - 1, 0))
+                out.summaries[name] = x[rows] if seqs.total else x.new_zeros(len(rows), self.dim)
+            full = seqs.unpack(self.norm(x)) if return_tokens else None
         else:
-            x = self._run_padded(x, mask, backend, record)
-        x = self.norm(x)
-        summaries = {
-            name: x[:, start].masked_fill(~present[name][:, None], 0.0)
-            for name, (start, _) in spans.items()
+            x = self._run_padded(self._embed_padded(tokens), mask, backend, record)
+            out.summaries = {name: x[:, start] for name, (start, _) in spans.items()}
+            full = self.norm(x) if return_tokens else None
+        out.summaries = {
+            name: self.norm(summary).masked_fill(~present[name][:, None], 0.0)
+            for name, summary in out.summaries.items()
         }
-        out = FusionOutput(summaries=summaries, present=present, attentions=record, spans=spans)
-        if return_tokens:
+        if full is not None:
             skip = 1 if self.summary_tokens is not None else 0
             out.tokens = {
-                name: x[:, start + skip : end].masked_fill(~masks[name][..., None], 0.0)
+                name: full[:, start + skip : end].masked_fill(~masks[name][..., None], 0.0)
                 for name, (start, end) in spans.items()
             }
             out.masks = masks
