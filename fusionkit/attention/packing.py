@@ -107,9 +107,10 @@ class _Bucket:
     kv_index: Tensor  # (b, Pk) positions in the packed key stream
     kv_mask: Tensor | None  # (b, Pk) True = real key; None when no key is padded
     q_keep: Tensor  # (b, Pq) True = real query
+    q_positions: Tensor  # positions of the real queries in the packed stream, row-major
 
 
-def _bucket_plan(q_seqs: PackedSequences, kv_seqs: PackedSequences) -> tuple[list[_Bucket], Tensor]:
+def _bucket_plan(q_seqs: PackedSequences, kv_seqs: PackedSequences) -> list[_Bucket]:
     key = ("buckets", kv_seqs)
     cached = q_seqs._cache.get(key)
     if cached is not None:
@@ -124,7 +125,7 @@ def _bucket_plan(q_seqs: PackedSequences, kv_seqs: PackedSequences) -> tuple[lis
             groups.setdefault(
                 (_bucket_of(lq, granularity), _bucket_of(lk, granularity)), []
             ).append(i)
-    buckets, order = [], []
+    buckets = []
     q_offsets, kv_offsets = q_seqs.offsets.tolist(), kv_seqs.offsets.tolist()
     for samples in groups.values():
         lq = torch.tensor([q_seqs.lengths[i] for i in samples], device=device)
@@ -138,13 +139,9 @@ def _bucket_plan(q_seqs: PackedSequences, kv_seqs: PackedSequences) -> tuple[lis
         # Padded slots read a real token (index clamped) and are masked or dropped after.
         q_index = (q_start + q_pos).clamp(max=max(q_seqs.total - 1, 0))
         kv_index = (k_start + k_pos).clamp(max=max(kv_seqs.total - 1, 0))
-        buckets.append(_Bucket(q_index, kv_index, None if bool(k_keep.all()) else k_keep, q_keep))
-        order.append(q_index[q_keep])
-    inverse = torch.empty(q_seqs.total, dtype=torch.long, device=device)
-    if order:
-        flat = torch.cat(order)
-        inverse[flat] = torch.arange(flat.numel(), device=device)
-    plan = (buckets, inverse)
+        kv_mask = None if bool(k_keep.all()) else k_keep
+        buckets.append(_Bucket(q_index, kv_index, kv_mask, q_keep, q_index[q_keep]))
+    plan = buckets
     q_seqs._cache[key] = plan
     return plan
 
@@ -159,10 +156,10 @@ def _bucketed(
     scale: float | None,
     dropout_p: float,
 ) -> Tensor:
-    buckets, inverse = _bucket_plan(q_seqs, kv_seqs)
-    pieces = []
-    for bucket in buckets:
-        out = attention(
+    # Each bucket writes its real queries straight into place: one copy, no reordering pass.
+    out = q.new_zeros(q.shape)
+    for bucket in _bucket_plan(q_seqs, kv_seqs):
+        attended = attention(
             q[bucket.q_index],
             k[bucket.kv_index],
             v[bucket.kv_index],
@@ -171,10 +168,8 @@ def _bucketed(
             scale=scale,
             dropout_p=dropout_p,
         )
-        pieces.append(out[bucket.q_keep])
-    if not pieces:
-        return q.new_zeros(q.shape)
-    return torch.cat(pieces).index_select(0, inverse)
+        out.index_copy_(0, bucket.q_positions, attended[bucket.q_keep])
+    return out
 
 
 def _xformers_block_diagonal(
