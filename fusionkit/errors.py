@@ -19,6 +19,7 @@ __all__ = [
     "MissingDependencyError",
     "RegistryError",
     "ShapeError",
+    "StorageError",
 ]
 
 
@@ -56,3 +57,15 @@ class MissingDependencyError(FusionkitError, ImportError):
 
 class BackendUnavailableError(FusionkitError, RuntimeError):
     """An attention backend was asked for where it cannot run (the message says why)."""
+
+
+class StorageError(FusionkitError, OSError):
+    """A file could not be written (disk full, no permission); the previous version is intact.
+
+    Carries the ``errno`` of the underlying `OSError`, so ``except OSError`` and checks of
+    ``error.errno == errno.ENOSPC`` keep working.
+    """
+
+    def __str__(self) -> str:
+        # OSError would print "[Errno 28] ..."; the message already names the cause.
+        return str(self.strerror) if self.strerror else super().__str__()

@@ -121,7 +121,8 @@ def parse_tasks(tasks: Mapping[str, Any], path: str = "tasks") -> dict[str, Task
         unknown = set(spec) - _TASK_KEYS
         if unknown:
             raise ConfigError(
-                f"{where}: unknown key(s) {sorted(unknown)}; accepted: {sorted(_TASK_KEYS)}"
+                f"{where}: unknown key(s) {sorted(map(str, unknown))}; "
+                f"accepted: {sorted(_TASK_KEYS)}"
             )
         multi_label = spec.get("multi_label", False)
         if not isinstance(multi_label, bool):

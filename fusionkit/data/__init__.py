@@ -21,6 +21,7 @@ from fusionkit.data.manifest import (
     ManifestRecord,
     Sample,
     infer_tasks,
+    open_image,
 )
 from fusionkit.data.synthetic import (
     CATALOGUE_TASKS,
@@ -45,5 +46,6 @@ __all__ = [
     "generate_catalogue",
     "infer_tasks",
     "make_collate",
+    "open_image",
     "transform_key",
 ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -35,7 +36,14 @@ from torchvision.transforms.functional import pil_to_tensor
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.tasks import TaskSpec
 
-__all__ = ["RESERVED_COLUMNS", "ManifestDataset", "ManifestRecord", "Sample", "infer_tasks"]
+__all__ = [
+    "RESERVED_COLUMNS",
+    "ManifestDataset",
+    "ManifestRecord",
+    "Sample",
+    "infer_tasks",
+    "open_image",
+]
 
 _LOG = logging.getLogger("fusionkit.data")
 
@@ -267,6 +275,42 @@ def infer_tasks(
 # --------------------------------------------------------------------------------------------
 
 
+def open_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Open an image file as RGB, safely.
+
+    Pillow's decompression-bomb limit is kept and its warning (an image over the pixel
+    limit) is treated as an error, EXIF orientation is applied, and transparent images are
+    composed on white.
+
+    Args:
+        path: The image file.
+
+    Returns:
+        The decoded RGB image.
+
+    Raises:
+        DataError: The file is missing, unreadable, corrupt or too large.
+
+    Example:
+        >>> open_image("images/train-00000.png").mode
+        'RGB'
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as raw:
+                picture = ImageOps.exif_transpose(raw)
+                if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
+                    # Transparent product cut-outs belong on white, not on black.
+                    white = Image.new("RGBA", picture.size, (255, 255, 255, 255))
+                    picture = Image.alpha_composite(white, picture.convert("RGBA"))
+                return picture.convert("RGB")
+    except Exception as error:
+        # Pillow's decoders raise many types on bad files (OSError, SyntaxError,
+        # struct.error, DecompressionBombError, ...); each means "no usable image".
+        raise DataError(f"cannot read image {path} ({type(error).__name__}: {error})") from None
+
+
 def _is_file(path: Path) -> bool:
     try:
         return path.is_file()
@@ -475,26 +519,14 @@ class ManifestDataset(Dataset):
         if index in self._unreadable:
             return None
         try:
-            with warnings.catch_warnings():
-                # Over Pillow's pixel limit only warns; such a file is treated as unreadable.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(record.image_path) as raw:
-                    picture = ImageOps.exif_transpose(raw)
-                    if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
-                        # Transparent product cut-outs belong on white, not on black.
-                        white = Image.new("RGBA", picture.size, (255, 255, 255, 255))
-                        picture = Image.alpha_composite(white, picture.convert("RGBA"))
-                    picture = picture.convert("RGB")
-        except Exception as error:
-            # Pillow's decoders raise many types on bad files (OSError, SyntaxError,
-            # struct.error, DecompressionBombError, ...); any of them means "no image".
+            picture = open_image(record.image_path)
+        except DataError as error:
             self._unreadable.add(index)
             self.load_failures += 1
             _LOG.warning(
-                "%s, line %d: cannot read image %s (%s: %s); sample %r is used without its "
-                "image (%d load failure(s) so far)",
-                self.path, record.line, record.image_path, type(error).__name__, error,
-                record.id, self.load_failures,
+                "%s, line %d: %s; sample %r is used without its image "
+                "(%d load failure(s) so far)",
+                self.path, record.line, error, record.id, self.load_failures,
             )
             return None
         if self.image_transform is not None:

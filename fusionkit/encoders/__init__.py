@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from fusionkit.encoders.base import EncoderOutput
+from fusionkit.encoders.base import EncoderOutput, check_images
 from fusionkit.encoders.text import (
     PRESENT_KEY,
     BaseTextEncoder,
@@ -47,6 +47,7 @@ __all__ = [
     "OfflineVisionWeights",
     "SentenceTransformersTextEncoder",
     "TimmVisionEncoder",
+    "check_images",
     "enforce_offline_mode",
     "load_offline_vision_weights",
     "load_state_dict_file",

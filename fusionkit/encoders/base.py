@@ -7,10 +7,14 @@ The fusion layers only ever see `EncoderOutput`, so any backbone that can produc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import Tensor
 
-__all__ = ["EncoderOutput"]
+from fusionkit.errors import ShapeError
+
+__all__ = ["EncoderOutput", "check_images"]
 
 
 @dataclass
@@ -30,3 +34,44 @@ class EncoderOutput:
 
     tokens: Tensor
     mask: Tensor
+
+
+def check_images(images: Any, name: str = "images", shape: str = "(B, C, H, W)") -> None:
+    """Reject what no vision encoder can use: a non-tensor, a wrong rank, an empty batch or
+    image, a non-float dtype, or NaN/inf pixels.
+
+    The finiteness test is one ``torch.isfinite(images).all()``: a NaN pixel would otherwise
+    spread through the backbone and every attention into NaN logits for the whole batch.
+
+    Args:
+        images: The argument to check, expected a 4-d float tensor.
+        name: The argument name used in messages.
+        shape: The expected shape as shown in messages, e.g. ``"(B, 3, H, W)"``.
+
+    Raises:
+        ShapeError: The message names ``name``, the expected shape and what was found.
+
+    Example:
+        >>> images = torch.zeros(1, 3, 8, 8)
+        >>> images[0, 0, 0, 0] = float("nan")
+        >>> check_images(images)
+        Traceback (most recent call last):
+        ...
+        fusionkit.errors.ShapeError: images: 1 of 192 values are NaN or infinite...
+    """
+    if not isinstance(images, Tensor):
+        raise ShapeError(f"{name}: expected a float tensor of shape {shape}, got {type(images)}")
+    if images.ndim != 4 or 0 in images.shape:
+        raise ShapeError(
+            f"{name}: expected a non-empty tensor of shape {shape}, got {tuple(images.shape)}"
+        )
+    if not images.is_floating_point():
+        raise ShapeError(
+            f"{name}: expected a floating-point tensor of shape {shape}, got dtype {images.dtype}"
+        )
+    if not bool(torch.isfinite(images).all()):
+        bad = int((~torch.isfinite(images)).sum())
+        raise ShapeError(
+            f"{name}: {bad} of {images.numel()} values are NaN or infinite; "
+            "check the image files and the preprocessing"
+        )

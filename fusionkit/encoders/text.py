@@ -47,8 +47,19 @@ def _check_texts(texts: Sequence[str | None]) -> list[str | None]:
     if len(texts) == 0:
         raise ShapeError("texts: expected at least one text, got an empty sequence")
     for index, text in enumerate(texts):
-        if text is not None and not isinstance(text, str):
+        if text is None:
+            continue
+        if not isinstance(text, str):
             raise ShapeError(f"texts[{index}]: expected str or None, got {type(text).__name__}")
+        if not text.isascii():
+            # A lone surrogate (from a bad decode) makes the tokenizers fail with a TypeError.
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as error:
+                raise ShapeError(
+                    f"texts[{index}]: not valid Unicode text ({error.reason} at position "
+                    f"{error.start}); decode the source as UTF-8"
+                ) from None
     return list(texts)
 
 

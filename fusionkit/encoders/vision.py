@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fusionkit.encoders.base import EncoderOutput
+from fusionkit.encoders.base import EncoderOutput, check_images
 from fusionkit.encoders.weights import OFFLINE_VISION_WEIGHTS, load_vision_weights
 from fusionkit.errors import ConfigError, ShapeError
 from fusionkit.registry import register
@@ -56,7 +56,7 @@ class TimmVisionEncoder(nn.Module):
 
     Raises:
         ConfigError: The model name is unknown, ``pretrained`` is ``True`` or names unknown
-            weights, or ``timm_kwargs`` sets ``num_classes``.
+            weights, ``timm_kwargs`` sets ``num_classes`` or an option the model does not take.
         CheckpointError: The weights do not fit the model.
         MissingDependencyError: An offline weight package is not installed.
 
@@ -103,7 +103,16 @@ class TimmVisionEncoder(nn.Module):
                 f"({', '.join(map(repr, OFFLINE_VISION_WEIGHTS))}) or a local checkpoint path"
             )
         self.model_name = model_name
-        self.model = timm.create_model(model_name, pretrained=False, num_classes=0, **timm_kwargs)
+        try:
+            self.model = timm.create_model(
+                model_name, pretrained=False, num_classes=0, **timm_kwargs
+            )
+        except TypeError as error:
+            # An option timm's constructor does not take ("unexpected keyword argument").
+            raise ConfigError(
+                f"timm model {model_name!r} does not accept the option(s) "
+                f"{sorted(timm_kwargs)}: {error}"
+            ) from None
         if pretrained is not False:
             load_vision_weights(self.model, pretrained)
         self.width = int(self.model.num_features)
@@ -140,14 +149,23 @@ class TimmVisionEncoder(nn.Module):
 
     def _check_images(self, images: Tensor) -> None:
         expected = f"(B, {self.in_chans}, H, W)"
-        if not isinstance(images, Tensor):
-            raise ShapeError(f"images: expected a tensor of shape {expected}, got {type(images)}")
-        if images.ndim != 4 or images.shape[1] != self.in_chans:
+        check_images(images, shape=expected)
+        if images.shape[1] != self.in_chans:
             raise ShapeError(f"images: expected shape {expected}, got {tuple(images.shape)}")
-        if not images.is_floating_point():
+        weight = next(self.model.parameters(), None)
+        if weight is None:
+            return
+        if images.device != weight.device:
             raise ShapeError(
-                f"images: expected a floating-point tensor of shape {expected}, "
-                f"got dtype {images.dtype}"
+                f"images: on {images.device}, but the backbone is on {weight.device}; "
+                f"move them with images.to({str(weight.device)!r})"
+            )
+        # Under autocast the backbone casts its inputs itself; otherwise torch would fail
+        # deep inside the first convolution with a message about "bias type".
+        if images.dtype != weight.dtype and not torch.is_autocast_enabled(images.device.type):
+            raise ShapeError(
+                f"images: dtype {images.dtype} does not match the backbone's {weight.dtype}; "
+                f"convert them with images.to({weight.dtype})"
             )
 
     def _channels_last(self, features: Tensor) -> bool:
@@ -176,7 +194,8 @@ class TimmVisionEncoder(nn.Module):
             position in row-major order. The mask is all ``True``.
 
         Raises:
-            ShapeError: ``images`` is not a floating-point ``(B, 3, H, W)`` tensor, or the
+            ShapeError: ``images`` is not a finite floating-point ``(B, 3, H, W)`` tensor of
+                the backbone's dtype and device, the backbone refuses its size, or the
                 backbone returns an unexpected shape.
 
         Example:
@@ -185,7 +204,15 @@ class TimmVisionEncoder(nn.Module):
             torch.Size([1, 17, 192])
         """
         self._check_images(images)
-        features = self.model.forward_features(images)
+        try:
+            features = self.model.forward_features(images)
+        except (AssertionError, ValueError) as error:
+            # timm asserts a fixed input size (ViTs), batch norm refuses one value per channel
+            # in training mode: both are about the input, so say which input.
+            raise ShapeError(
+                f"images: {self.model_name} cannot encode a batch of shape "
+                f"{tuple(images.shape)}: {error}"
+            ) from error
         if features.ndim == 3:
             tokens = features
         elif features.ndim == 4:
@@ -211,7 +238,8 @@ class TimmVisionEncoder(nn.Module):
             The image tokens and their mask.
 
         Raises:
-            ShapeError: ``images`` has the wrong rank, channel count or dtype.
+            ShapeError: ``images`` has the wrong rank, channel count, dtype or device, or holds
+                NaN or infinite values.
 
         Example:
             >>> TimmVisionEncoder("resnet18")(torch.randn(1, 3, 64, 64)).tokens.shape

@@ -13,12 +13,26 @@ import torch
 from torch import Tensor, nn
 
 from fusionkit import registry
+from fusionkit.encoders.base import check_images
 from fusionkit.errors import CheckpointError, ShapeError
 from fusionkit.heads import MultiTaskHead
-from fusionkit.io import load_weights, read_yaml, save_weights, write_yaml
+from fusionkit.io import (
+    load_weights,
+    read_yaml,
+    save_weights,
+    verify_checksums,
+    write_checksums,
+    write_yaml,
+)
 from fusionkit.models.config import ModelConfig
 
-__all__ = ["CMACLIP", "CONFIG_FILE", "WEIGHTS_FILE", "CMACLIPOutput", "build_model"]
+__all__ = [
+    "CMACLIP",
+    "CONFIG_FILE",
+    "WEIGHTS_FILE",
+    "CMACLIPOutput",
+    "build_model",
+]
 
 CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
@@ -182,14 +196,16 @@ class CMACLIP(nn.Module):
             ``(tokens, masks)``: modality → ``(B, N, C)`` and ``(B, N)`` bool.
 
         Raises:
-            ShapeError: No input, an input for a modality the model lacks, or mismatched
-                batch sizes.
+            ShapeError: No input, an input for a modality the model lacks, images that are
+                not a finite float ``(B, C, H, W)`` tensor, or mismatched batch sizes.
         """
         tokens: dict[str, Tensor] = {}
         masks: dict[str, Tensor] = {}
         if images is not None:
             if self.vision is None:
                 raise ShapeError("images were given but this model has no vision encoder")
+            # Here as well as in the timm adapter: a plugin encoder may not check.
+            check_images(images)
             out = self._run_encoder(self.vision, images)
             tokens["image"], masks["image"] = out.tokens, out.mask
         if texts is not None or text_inputs is not None:
@@ -291,7 +307,11 @@ class CMACLIP(nn.Module):
     def save_pretrained(
         self, directory: str | os.PathLike[str], *, include_frozen: bool = True
     ) -> Path:
-        """Write ``config.yaml`` and ``model.safetensors`` into ``directory`` (atomically).
+        """Write ``config.yaml``, ``model.safetensors`` and ``checksums.json`` into
+        ``directory``, each file atomically.
+
+        ``checksums.json`` holds the SHA-256 of the other two; `from_pretrained` checks it, so a
+        damaged file is refused instead of loaded as wrong weights.
 
         Args:
             directory: Target folder (created).
@@ -313,6 +333,7 @@ class CMACLIP(nn.Module):
             metadata={"format": "fusionkit", "excluded_prefixes": json.dumps(excluded)},
         )
         write_yaml(directory / CONFIG_FILE, self.config.to_dict())
+        write_checksums(directory, [WEIGHTS_FILE, CONFIG_FILE])
         return directory
 
     @classmethod
@@ -329,18 +350,32 @@ class CMACLIP(nn.Module):
             The model, in eval mode.
 
         Raises:
-            CheckpointError: Missing or corrupt files, or weights that do not fit the config.
+            CheckpointError: Missing or corrupt files (a file whose SHA-256 differs from
+                ``checksums.json``, a truncated or malformed weights file), or weights that do
+                not fit the config.
+            ConfigError: ``config.yaml`` is not a valid config.
         """
         directory = Path(directory)
         if not (directory / CONFIG_FILE).is_file():
             raise CheckpointError(
                 f"{directory} has no {CONFIG_FILE}; is it a fusionkit checkpoint?"
             )
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
+        verify_checksums(directory, [WEIGHTS_FILE, CONFIG_FILE])
         state = load_weights(directory / WEIGHTS_FILE, device=map_location)
-        with safe_open(str(directory / WEIGHTS_FILE), "pt") as handle:
-            excluded = json.loads((handle.metadata() or {}).get("excluded_prefixes", "[]"))
+        try:
+            with safe_open(str(directory / WEIGHTS_FILE), "pt") as handle:
+                excluded = json.loads((handle.metadata() or {}).get("excluded_prefixes", "[]"))
+        except (SafetensorError, OSError, ValueError) as error:
+            raise CheckpointError(
+                f"{directory / WEIGHTS_FILE}: unreadable metadata ({error})"
+            ) from None
+        if not isinstance(excluded, list) or not all(isinstance(p, str) for p in excluded):
+            raise CheckpointError(
+                f"{directory / WEIGHTS_FILE}: metadata excluded_prefixes must be a list of "
+                f"strings, got {excluded!r}"
+            )
         raw = read_yaml(directory / CONFIG_FILE)
         if "vision." not in excluded and isinstance(raw.get("vision"), dict):
             # The file holds the vision weights: skip loading them from their source first.

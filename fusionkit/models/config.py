@@ -110,6 +110,20 @@ def _type_hints(factory: Any) -> dict[str, Any]:
         return {}
 
 
+def _string_keyed_tasks(tasks: Any) -> Any:
+    """Refuse non-string option names in task sections, which `parse_tasks` cannot sort."""
+    if isinstance(tasks, Mapping):
+        for name, spec in tasks.items():
+            if isinstance(spec, Mapping):
+                odd = [key for key in spec if not isinstance(key, str)]
+                if odd:
+                    raise ConfigError(
+                        f"tasks.{name}: option names must be strings, got {odd[0]!r}; "
+                        "accepted: classes, multi_label, num_classes, weight"
+                    )
+    return tasks
+
+
 @dataclass
 class ComponentConfig:
     """One registered component: its ``name`` and constructor options.
@@ -175,7 +189,9 @@ class ComponentConfig:
             if key in reserved:
                 raise ConfigError(f"{where}: set by the model, not in the config")
             if key not in parameters:
-                if takes_any:
+                # Extra options go to the component's **kwargs (e.g. timm's); one a letter or
+                # two off a named argument is a typo, not an extra.
+                if takes_any and not difflib.get_close_matches(key, named, n=1, cutoff=0.85):
                     continue
                 raise ConfigError(
                     f"{where}: unknown option for {kind} {name!r}; {_did_you_mean(key, named)}"
@@ -364,7 +380,7 @@ class ModelConfig:
                 default_name="mlp",
                 reserved=("dim", "tasks"),
             ),
-            tasks=parse_tasks(config["tasks"]),
+            tasks=parse_tasks(_string_keyed_tasks(config["tasks"])),
             sections=sections,
         )
 

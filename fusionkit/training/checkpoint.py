@@ -7,8 +7,12 @@ scheduler and RNG states; read back with ``torch.load(weights_only=True)`` only)
 
 Each file is written atomically, and the folder as a whole is swapped in: the new checkpoint is
 written to ``.<name>.new/``, the old folder renamed to ``.<name>.old/``, the new one renamed into
-place, then the old one removed. ``trainer_state.json`` is written last, so a folder holding it is
-complete; :func:`find_checkpoint` falls back to ``.<name>.old/`` if a kill hit between renames.
+place, then the old one removed. Only a complete folder is ever renamed into place (it holds
+``trainer_state.json``); :func:`find_checkpoint` falls back to ``.<name>.old/`` if a kill hit
+between the renames.
+
+``checksums.json`` lists the SHA-256 of every other file; the loaders check it first, so a
+damaged file is refused with :class:`~fusionkit.errors.CheckpointError` before it is parsed.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -25,7 +30,13 @@ import torch
 from torch import nn
 
 from fusionkit.errors import CheckpointError
-from fusionkit.io import atomic_write, load_weights, write_json
+from fusionkit.io import (
+    atomic_write,
+    load_weights,
+    verify_checksums,
+    write_checksums,
+    write_json,
+)
 
 __all__ = [
     "STATE_FILE",
@@ -38,6 +49,8 @@ __all__ = [
 
 STATE_FILE = "trainer_state.json"
 TENSOR_STATE_FILE = "trainer_state.pt"
+_WEIGHTS_FILE = "model.safetensors"
+_MODEL_FILES = (_WEIGHTS_FILE, "config.yaml")
 
 
 def save_checkpoint(
@@ -60,6 +73,10 @@ def save_checkpoint(
     Returns:
         The folder.
 
+    Raises:
+        StorageError: A file cannot be written (e.g. the disk is full); the previous
+            checkpoint at ``directory`` is left as it was.
+
     Example:
         >>> save_checkpoint("run/best", model, include_frozen=False)  # doctest: +SKIP
     """
@@ -73,9 +90,15 @@ def save_checkpoint(
         torch.save(dict(tensor_state), buffer)
         atomic_write(new / TENSOR_STATE_FILE, lambda tmp: tmp.write_bytes(buffer.getvalue()))
     write_json(new / STATE_FILE, dict(state or {}))
-    shutil.rmtree(old, ignore_errors=True)
+    written = [*_MODEL_FILES, STATE_FILE]
+    if tensor_state is not None:
+        written.append(TENSOR_STATE_FILE)
+    write_checksums(new, written)
     if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
         target.rename(old)
+    # Without ``target``, ``old`` is what a torn swap left: the only complete checkpoint, so it
+    # is removed only once the new one is in place.
     new.rename(target)
     shutil.rmtree(old, ignore_errors=True)
     return target
@@ -111,17 +134,34 @@ def read_trainer_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any
         ``(state, tensor_state)``.
 
     Raises:
-        CheckpointError: A file is missing or unreadable.
+        CheckpointError: A file is missing, unreadable, damaged (its SHA-256 differs from
+            ``checksums.json``), or holds anything but plain tensors and containers:
+            ``trainer_state.pt`` is read with ``torch.load(weights_only=True)``, which refuses
+            to unpickle arbitrary objects instead of running their code.
 
     Example:
         >>> state, tensors = read_trainer_state("run/last")  # doctest: +SKIP
     """
     directory = Path(directory)
+    verify_checksums(directory, [STATE_FILE, TENSOR_STATE_FILE])
     try:
         state = json.loads((directory / STATE_FILE).read_text(encoding="utf-8"))
-        tensor_state = torch.load(directory / TENSOR_STATE_FILE, weights_only=True)
-    except (OSError, ValueError, RuntimeError) as error:
+        tensor_state = torch.load(
+            directory / TENSOR_STATE_FILE, map_location="cpu", weights_only=True
+        )
+    except pickle.UnpicklingError as error:
+        raise CheckpointError(
+            f"cannot resume from {directory}: {TENSOR_STATE_FILE} holds objects other than "
+            f"tensors and plain containers, which fusionkit never unpickles ({error})"
+        ) from None
+    except (OSError, ValueError, RuntimeError, EOFError) as error:
         raise CheckpointError(f"cannot resume from {directory}: {error}") from None
+    for name, loaded in ((STATE_FILE, state), (TENSOR_STATE_FILE, tensor_state)):
+        if not isinstance(loaded, dict):
+            raise CheckpointError(
+                f"cannot resume from {directory}: {name} holds a {type(loaded).__name__}, "
+                "not a mapping"
+            )
     return state, tensor_state
 
 
@@ -135,12 +175,15 @@ def load_model_weights(model: nn.Module, directory: str | os.PathLike[str]) -> N
         directory: The checkpoint folder.
 
     Raises:
-        CheckpointError: The file is missing or corrupt, or its tensors do not fit the model.
+        CheckpointError: The file is missing or corrupt (its SHA-256 differs from
+            ``checksums.json``, or its safetensors header is damaged), or its tensors do not
+            fit the model.
 
     Example:
         >>> load_model_weights(model, "run/last")  # doctest: +SKIP
     """
-    state = load_weights(Path(directory) / "model.safetensors")
+    verify_checksums(directory, [_WEIGHTS_FILE])
+    state = load_weights(Path(directory) / _WEIGHTS_FILE)
     expected = model.state_dict()
     bad = [k for k in state if k not in expected or expected[k].shape != state[k].shape]
     if bad:

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from fusionkit.data import open_image
 from fusionkit.errors import DataError
 from fusionkit.io import atomic_write
 from fusionkit.training.metrics import MULTI_LABEL_THRESHOLD
@@ -90,11 +91,7 @@ class Predictor:
         if image is None:
             return None
         if not isinstance(image, Image.Image):
-            try:
-                with Image.open(image) as raw:
-                    image = raw.convert("RGB")
-            except (OSError, ValueError) as error:
-                raise DataError(f"cannot read image {image}: {error}") from None
+            image = open_image(image)
         return self.image_transform(image.convert("RGB"))
 
     def _describe(self, output: Any, row: int) -> dict[str, Any]:
