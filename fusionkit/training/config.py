@@ -16,7 +16,10 @@ train:
   lr: 1.0e-3
   lr_backbone: 1.0e-5
   cache_features: auto                     # frozen backbones: encode once, reuse every epoch
+  precision: auto                          # bf16 autocast on CUDA, fp32 on CPU
 ```
+
+Under ``torchrun``, ``data.batch_size`` is the global batch, split across the processes.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ class DataConfig:
         tasks: Task columns to use (default: every label column, or the model's tasks).
         multi_label: Task columns to treat as multi-label even without a ``|`` cell.
         image_size: Square input side in pixels, overriding the backbone's default size.
-        batch_size: Training batch size.
+        batch_size: Training batch size; under ``torchrun`` the global batch, split across
+            processes.
         eval_batch_size: Batch size for evaluation and feature encoding.
         num_workers: DataLoader worker processes (0 = load in the main process).
         on_error: ``skip`` bad rows (counted and logged) or ``raise`` on the first one.
@@ -87,7 +91,10 @@ class TrainConfig:
         warmup_ratio: Share of all steps spent in linear warm-up before the cosine decay.
         min_lr_ratio: Final learning rate as a share of the peak.
         grad_clip: Max gradient norm; 0 disables clipping.
-        amp: Mixed precision (bfloat16 autocast) on CUDA; ignored on CPU.
+        precision: ``auto`` (bfloat16 autocast on CUDA, float32 on CPU), ``fp32``, ``bf16``
+            (autocast on CUDA or CPU) or ``fp16`` (autocast with a gradient scaler; CUDA only).
+        compile: ``torch.compile`` the fusion layers and heads; if compiling fails, a warning
+            is logged and training goes on eagerly.
         seed: Seed of model init, shuffling, dropout and augmentation.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         class_weight: ``balanced`` weights every task's loss by inverse class frequency.
@@ -111,7 +118,8 @@ class TrainConfig:
     warmup_ratio: float = 0.05
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
-    amp: bool = True
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     class_weight: Literal["none", "balanced"] = "none"

@@ -14,6 +14,13 @@ Determinism: the order of epoch ``e`` is a permutation drawn from a generator se
 ``(seed, e)``, so a resumed run (also from a mid-epoch ``save_every_steps`` checkpoint) replays
 exactly the batches an uninterrupted run would; dropout draws from the global torch RNG, whose
 state is checkpointed. On CPU a resumed run ends bit-for-bit where an uninterrupted one does.
+
+Under ``torchrun`` (see :mod:`fusionkit.training.distributed`) ``data.batch_size`` is the global
+batch: every rank draws the same permutation and trains on its share of each batch, gradients are
+averaged by DDP with a loss scaling that makes them equal the single-process gradient, and only
+rank 0 writes to the run folder; it also writes ``replicas.json``, a digest of every rank's
+parameters at the end (a mismatch raises :class:`TrainingError`). ``last/`` keeps every rank's
+RNG state, so a resumed run with the same number of processes replays the same random draws.
 """
 
 from __future__ import annotations
@@ -24,22 +31,25 @@ import math
 import os
 import random
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from fusionkit.errors import ConfigError, DataError, FusionkitError
-from fusionkit.io import atomic_write_text, read_yaml, write_yaml
+from fusionkit.io import atomic_write_text, read_yaml, write_json, write_yaml
 from fusionkit.training.cache import (
     CacheStats,
+    FeatureBatch,
     FeatureCollator,
     default_cache_dir,
     encode_dataset,
+    feature_inputs,
 )
 from fusionkit.training.checkpoint import (
     find_checkpoint,
@@ -48,7 +58,25 @@ from fusionkit.training.checkpoint import (
     save_checkpoint,
 )
 from fusionkit.training.config import DataConfig, TrainConfig, parse_section
-from fusionkit.training.evaluate import collect_outputs, compute_report, forward_batch
+from fusionkit.training.distributed import (
+    DistContext,
+    all_gather_objects,
+    init_distributed,
+    local_main_first,
+    mask_targets,
+    parameters_digest,
+    shard,
+    sharded_loss,
+    shutdown,
+    unused_parameters,
+    wrap_ddp,
+)
+from fusionkit.training.evaluate import (
+    EvalOutputs,
+    collect_outputs,
+    compute_report,
+    forward_batch,
+)
 
 __all__ = [
     "TrainResult",
@@ -57,12 +85,14 @@ __all__ = [
     "build_run_config",
     "image_data_config",
     "resolve_device",
+    "resolve_precision",
     "resolve_run_dir",
     "train",
 ]
 
 _LOG = logging.getLogger("fusionkit.training")
 METRICS_FILE = "metrics.jsonl"
+REPLICAS_FILE = "replicas.json"
 
 
 class TrainingError(FusionkitError, RuntimeError):
@@ -272,17 +302,123 @@ def _warmup_cosine(total: int, warmup_ratio: float, min_ratio: float) -> Any:
     return factor
 
 
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device`` (``None`` = float32, no autocast).
+
+    Args:
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        device: The training device.
+
+    Returns:
+        ``torch.bfloat16``, ``torch.float16`` or ``None``. ``auto`` is bfloat16 on CUDA and
+        float32 on CPU.
+
+    Raises:
+        ConfigError: ``fp16`` on a device other than CUDA (float16 training needs a gradient
+            scaler and CUDA kernels; use ``bf16`` or ``fp32`` there).
+
+    Example:
+        >>> resolve_precision("auto", torch.device("cpu")) is None
+        True
+    """
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(
+            f"train.precision: fp16 needs CUDA, but the device is {device.type}; "
+            "use bf16 or fp32 (the default on CPU)"
+        )
+    if precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
+    # A disabled autocast still validates its dtype; bfloat16 is valid on every device.
+    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
+
+
+class _CompileFallback:
+    """``torch.compile(fn)`` that falls back to ``fn`` for good when compiling fails.
+
+    Compilation is lazy: it can fail when ``torch.compile`` is called or at the first call
+    (no C++ compiler, an unsupported operation); a failure is logged once as a warning.
+    """
+
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.eager = fn
+        self.compiled: Callable[..., Any] | None = None
+        try:
+            self.compiled = torch.compile(fn)
+        except Exception as error:  # any compiler failure means: run eagerly
+            self._give_up(error)
+
+    def _give_up(self, error: Exception) -> None:
+        self.compiled = None
+        _LOG.warning(
+            "train.compile: torch.compile failed (%s: %s); training without compilation",
+            type(error).__name__,
+            str(error).splitlines()[0] if str(error) else "",
+        )
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as error:  # a genuine error reappears eagerly
+                self._give_up(error)
+        return self.eager(*args, **kwargs)
+
+
+class _TrainingForward(nn.Module):
+    """The training forward as a module, so that DDP can hook it.
+
+    Runs the encoders (or takes cached features) and then the fusion stack, compiled with
+    ``train.compile``. The model's own ``forward`` stays eager and its state dict unchanged.
+    """
+
+    def __init__(self, model: nn.Module, device: torch.device, compile: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.device = device
+        self.fuse = _CompileFallback(model.forward_head) if compile else model.forward_head
+
+    def forward(self, batch: Any) -> Any:
+        if isinstance(batch, FeatureBatch):
+            tokens = {m: t.to(self.device, non_blocking=True) for m, t in batch.tokens.items()}
+            masks = {m: k.to(self.device, non_blocking=True) for m, k in batch.masks.items()}
+        else:
+            inputs = feature_inputs(self.model, batch.to(self.device))
+            tokens, masks = self.model.forward_features(**inputs)
+        return self.fuse(tokens, masks)
+
+
+def _join_outputs(parts: Sequence[EvalOutputs]) -> EvalOutputs:
+    """Concatenate per-batch outputs; the loss is the mean of the batch losses."""
+    first = parts[0]
+    return EvalOutputs(
+        {t: torch.cat([p.scores[t] for p in parts]) for t in first.scores},
+        {t: torch.cat([p.targets[t] for p in parts]) for t in first.targets},
+        {t: torch.cat([p.weights[t] for p in parts]) for t in first.weights},
+        sum(p.loss for p in parts) / len(parts),
+        [i for p in parts for i in p.ids],
+    )
+
+
 class Trainer:
     """Trains a model from a run config (model + ``data`` + ``train`` sections).
+
+    Started by ``torchrun``, every process runs the same ``fit``: the processes join one
+    process group, split every global batch (``data.batch_size``) and average gradients with
+    DDP; rank 0 alone writes the run folder. See :mod:`fusionkit.training.distributed`.
 
     Args:
         config: The run config (see :func:`build_run_config`).
         output_dir: The run folder.
         resume: Continue from ``output_dir/last`` when it exists.
-        progress: Show tqdm progress bars.
+        progress: Show tqdm progress bars (rank 0 only).
 
     Raises:
-        ConfigError: Invalid ``data``/``train`` sections or a missing ``data.train``/``data.val``.
+        ConfigError: Invalid ``data``/``train`` sections, a missing ``data.train``/``data.val``
+            or ``train.precision: fp16`` without CUDA.
 
     Example:
         >>> result = Trainer(build_run_config("configs/quickstart.yaml"), "runs/q").fit()
@@ -307,8 +443,11 @@ class Trainer:
             if getattr(self.data, split) is None:
                 raise ConfigError(f"data.{split}: missing; give a manifest (--{split})")
         self.device = resolve_device(self.train_config.device)
+        self.autocast_dtype = resolve_precision(self.train_config.precision, self.device)
+        self.ctx = DistContext(0, 1, 0, self.device)
         self.cache_stats: CacheStats | None = None
         self.model: Any = None
+        self._class_weight_tensors: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------------------
     # Setup
@@ -317,8 +456,13 @@ class Trainer:
     def _build_model(self) -> Any:
         from fusionkit.models import build_model
 
+        # The same seed on every rank: replicas start identical.
         _seed_everything(self.train_config.seed)
-        return build_model(self.config).to(self.device)
+        model = build_model(self.config).to(self.device)
+        if self.ctx.distributed:
+            # Per-rank streams for dropout and augmentation, so ranks do not draw alike.
+            _seed_everything(self.train_config.seed + self.ctx.rank)
+        return model
 
     def _all_frozen(self, model: Any) -> bool:
         encoders = [model.vision if m == "image" else model.text for m in model.modalities]
@@ -365,20 +509,22 @@ class Trainer:
         key = transform_key(image_config, train=False) if image_config is not None else "text-only"
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         dtype = getattr(torch, cfg.cache_dtype)
-        cached = [
-            encode_dataset(
-                model,
-                dataset,
-                cache_dir,
-                key,
-                batch_size=self.data.eval_batch_size,
-                image_shape=image_shape,
-                device=self.device,
-                dtype=dtype,
-                stats=self.cache_stats,
-            )
-            for dataset in (train_set, val_set)
-        ]
+        # Local rank 0 encodes and stores; the node's other ranks then load the stored file.
+        with local_main_first(self.ctx):
+            cached = [
+                encode_dataset(
+                    model,
+                    dataset,
+                    cache_dir,
+                    key,
+                    batch_size=self.data.eval_batch_size,
+                    image_shape=image_shape,
+                    device=self.device,
+                    dtype=dtype,
+                    stats=self.cache_stats,
+                )
+                for dataset in (train_set, val_set)
+            ]
         return cached[0], cached[1], FeatureCollator(tasks)
 
     def _class_weights(self, model: Any) -> None:
@@ -398,7 +544,9 @@ class Trainer:
                 weight = (labelled - counts) / counts.clamp(min=1)
             else:
                 weight = labelled / (spec.num_classes * counts.clamp(min=1))
-            model.head.set_class_weight(task, weight.float().to(self.device))
+            weight = weight.float().to(self.device)
+            model.head.set_class_weight(task, weight)
+            self._class_weight_tensors[task] = weight
 
     def _optimizer(self, model: Any) -> torch.optim.Optimizer:
         cfg = self.train_config
@@ -420,18 +568,47 @@ class Trainer:
         ]
         return torch.optim.AdamW(param_groups, lr=cfg.lr)
 
+    def _training_module(self, model: Any, source: Any, collate: Any) -> nn.Module:
+        """The (DDP-wrapped) training forward; parameters that never get a gradient frozen."""
+        module = _TrainingForward(model, self.device, self.train_config.compile)
+        if not self.ctx.distributed:
+            return module
+        size = min(len(source), max(2, math.ceil(self.data.batch_size / self.ctx.world_size)))
+        probe = collate([source[i] for i in range(size)])
+
+        def probe_loss() -> torch.Tensor:
+            with _autocast(self.device, self.autocast_dtype):
+                return model.loss(forward_batch(model, probe, self.device), probe.targets)
+
+        unused = unused_parameters(model, probe_loss, self.ctx)
+        if unused:
+            # They would stall DDP's gradient buckets; AdamW skips them anyway (no gradient).
+            named = dict(model.named_parameters())
+            for name in unused:
+                named[name].requires_grad_(False)
+            shown = ", ".join(unused[:4]) + (", ..." if len(unused) > 4 else "")
+            _LOG.info("%d parameter(s) get no gradient; not synchronised: %s", len(unused), shown)
+        return wrap_ddp(module, self.ctx)
+
     # ----------------------------------------------------------------------------------------
     # Training
     # ----------------------------------------------------------------------------------------
 
-    def _loader(self, source: Any, collate: Any, epoch: int, start_batch: int) -> DataLoader:
+    def _batches(self, source: Any, collate: Any, epoch: int, start_batch: int) -> Iterator[Any]:
+        """This rank's share of each global batch of ``epoch``, from ``start_batch`` on."""
         seed = self.train_config.seed * 1_000_003 + epoch
         generator = torch.Generator().manual_seed(seed)
         order = torch.randperm(len(source), generator=generator).tolist()
-        return DataLoader(
+        size = self.data.batch_size
+        batches = [order[i : i + size] for i in range(start_batch * size, len(order), size)]
+        shards = [shard(indices, self.ctx) for indices in batches]
+        # A rank left without samples (a last batch smaller than the world) still has to join
+        # the gradient all-reduce: it runs one sample whose labels are masked out.
+        placeholders = [not indices for indices in shards]
+        shards = [mine or indices[:1] for mine, indices in zip(shards, batches, strict=True)]
+        loader = DataLoader(
             source,
-            batch_size=self.data.batch_size,
-            sampler=order[start_batch * self.data.batch_size :],
+            batch_sampler=shards,
             collate_fn=collate,
             num_workers=self.data.num_workers,
             worker_init_fn=_seed_worker,
@@ -440,52 +617,137 @@ class Trainer:
             generator=generator,
             pin_memory=self.device.type == "cuda",
         )
+        for batch, placeholder in zip(loader, placeholders, strict=True):
+            if placeholder:
+                batch.targets = mask_targets(batch.targets)
+            yield batch
 
-    def _save_last(self, model: Any, state: dict[str, Any], optimizer: Any, scheduler: Any) -> None:
+    def _loss(self, output: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss to backpropagate and the global batch's loss (detached)."""
+        if not self.ctx.distributed:
+            loss = self.model.loss(output, targets)
+            return loss, loss.detach()
+        return sharded_loss(
+            self.model.head, output.logits, targets, self.ctx, self._class_weight_tensors
+        )
+
+    def _save_last(
+        self,
+        model: Any,
+        state: dict[str, Any],
+        optimizer: Any,
+        scheduler: Any,
+        scaler: torch.amp.GradScaler,
+    ) -> None:
+        # Every rank's RNG state is kept, so each rank resumes its own dropout stream.
+        rng_ranks = all_gather_objects(self.ctx, _rng_state())
+        if not self.ctx.is_main:
+            return
+        tensor_state: dict[str, Any] = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rng_ranks[0],
+        }
+        if self.ctx.distributed:
+            tensor_state["rng_ranks"] = rng_ranks
+        if scaler.is_enabled():
+            tensor_state["scaler"] = scaler.state_dict()
         save_checkpoint(
             self.output_dir / "last",
             model,
             include_frozen=not self._all_frozen(model),
             state=state,
-            tensor_state={
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": _rng_state(),
-            },
+            tensor_state=tensor_state,
         )
 
+    def _restore_rng(self, tensors: Mapping[str, Any]) -> None:
+        ranks = tensors.get("rng_ranks")
+        if not self.ctx.distributed:
+            _set_rng_state(tensors["rng"])
+        elif ranks is not None and len(ranks) == self.ctx.world_size:
+            _set_rng_state(ranks[self.ctx.rank])
+        else:
+            saved = len(ranks) if ranks is not None else 1
+            _LOG.warning(
+                "resuming %d process(es) from a %d-process checkpoint: dropout and "
+                "augmentation streams restart from the seed",
+                self.ctx.world_size,
+                saved,
+            )
+            _seed_everything(self.train_config.seed + self.ctx.rank)
+
     def _write_metrics(self, history: list[dict[str, Any]]) -> None:
-        text = "".join(json.dumps(record) + "\n" for record in history)
-        atomic_write_text(self.output_dir / METRICS_FILE, text)
+        if self.ctx.is_main:
+            text = "".join(json.dumps(record) + "\n" for record in history)
+            atomic_write_text(self.output_dir / METRICS_FILE, text)
 
     def _validate(self, model: Any, source: Any, collate: Any) -> dict[str, Any]:
+        """Metrics over the whole validation set; ranks split its batches and gather outputs."""
+        size = self.data.eval_batch_size
+        batches = [list(range(i, min(i + size, len(source)))) for i in range(0, len(source), size)]
+        mine = list(range(self.ctx.rank, len(batches), self.ctx.world_size))
         loader = DataLoader(
             source,
-            batch_size=self.data.eval_batch_size,
+            batch_sampler=[batches[i] for i in mine],
             collate_fn=collate,
             num_workers=self.data.num_workers,
         )
-        outputs = collect_outputs(model, loader, self.device, amp=self.train_config.amp)
+        amp = self.autocast_dtype == torch.bfloat16
+        parts = [
+            (index, collect_outputs(model, [batch], self.device, amp=amp))
+            for index, batch in zip(mine, loader, strict=True)
+        ]
+        gathered = sorted(
+            (part for rank_parts in all_gather_objects(self.ctx, parts) for part in rank_parts),
+            key=lambda part: part[0],
+        )
+        outputs = _join_outputs([outputs for _, outputs in gathered])
         return compute_report(outputs, model.tasks, model.modalities)
+
+    def _check_replicas(self, model: Any) -> None:
+        """Compare every rank's parameters; rank 0 writes their digests to ``replicas.json``."""
+        digests = all_gather_objects(self.ctx, parameters_digest(model))
+        if self.ctx.is_main:
+            write_json(
+                self.output_dir / REPLICAS_FILE,
+                {"world_size": self.ctx.world_size, "parameters_sha256": digests},
+            )
+        if len(set(digests)) > 1:
+            raise TrainingError(
+                f"the {self.ctx.world_size} processes ended with different weights; see "
+                f"{self.output_dir / REPLICAS_FILE}"
+            )
 
     def fit(self) -> TrainResult:
         """Train for ``train.epochs`` epochs (from the last checkpoint with ``resume``).
 
+        Under ``torchrun`` this joins the process group first and leaves it at the end.
+
         Returns:
-            The :class:`TrainResult`.
+            The :class:`TrainResult` (the same on every rank).
 
         Raises:
             TrainingError: The loss became NaN or infinite (the message names the step and
-                the batch); ``last/`` keeps the last good checkpoint.
+                the batch; ``last/`` keeps the last good checkpoint), or distributed replicas
+                ended with different weights.
             DataError: A manifest cannot be read or has no usable sample.
             CheckpointError: ``resume`` found a checkpoint that cannot be loaded.
 
         Example:
             >>> Trainer(config, "runs/x").fit().best_score  # doctest: +SKIP
         """
+        self.ctx = init_distributed(self.device)
+        self.device = self.ctx.device
+        try:
+            return self._fit()
+        finally:
+            shutdown(self.ctx)
+
+    def _fit(self) -> TrainResult:
         from tqdm.auto import tqdm
 
         cfg = self.train_config
+        ctx = self.ctx
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         model = self._build_model()
@@ -498,6 +760,9 @@ class Trainer:
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, _warmup_cosine(total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
         )
+        scaler = torch.amp.GradScaler(
+            self.device.type, enabled=self.autocast_dtype == torch.float16
+        )
         state: dict[str, Any] = {
             "epoch": 0,
             "batch_in_epoch": 0,
@@ -507,60 +772,68 @@ class Trainer:
             "best_score": None,
             "history": [],
         }
+        # Every rank reads the same checkpoint (a shared folder on several nodes).
         checkpoint = find_checkpoint(self.output_dir / "last") if self.resume else None
         if checkpoint is not None:
             state, tensors = read_trainer_state(checkpoint)
             load_model_weights(model, checkpoint)
             optimizer.load_state_dict(tensors["optimizer"])
             scheduler.load_state_dict(tensors["scheduler"])
-            _set_rng_state(tensors["rng"])
+            if "scaler" in tensors:
+                scaler.load_state_dict(tensors["scaler"])
+            self._restore_rng(tensors)
             _LOG.info("resuming from %s at epoch %d, step %d", checkpoint, state["epoch"] + 1,
                       state["step"])
         elif self.resume:
             _LOG.warning("--resume: no checkpoint in %s; starting from scratch", self.output_dir)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        write_yaml(self.output_dir / "config.yaml", self.config.to_dict())
-        amp = cfg.amp and self.device.type == "cuda"
+        step_module = self._training_module(model, source, collate)
+        if ctx.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            write_yaml(self.output_dir / "config.yaml", self.config.to_dict())
+        trainable = [p for p in model.parameters() if p.requires_grad]
 
         for epoch in range(state["epoch"], cfg.epochs):
             model.train()
             start_batch = state["batch_in_epoch"]
             started = time.perf_counter()
-            loader = self._loader(source, collate, epoch, start_batch)
             bar = tqdm(
                 total=steps_per_epoch,
                 initial=start_batch,
                 desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                disable=not self.progress,
+                disable=not (self.progress and ctx.is_main),
                 leave=False,
             )
-            for batch_index, batch in enumerate(loader, start=start_batch):
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=amp):
-                    output = forward_batch(model, batch, self.device)
-                    loss = model.loss(output, batch.targets)
-                if not torch.isfinite(loss):
+            batches = self._batches(source, collate, epoch, start_batch)
+            for batch_index, batch in enumerate(batches, start=start_batch):
+                with _autocast(self.device, self.autocast_dtype):
+                    output = step_module(batch)
+                    loss, global_loss = self._loss(output, batch.targets)
+                # The global loss is the same on every rank, so all ranks stop together.
+                if not torch.isfinite(global_loss):
                     raise TrainingError(
-                        f"loss is {loss.item()} at step {state['step'] + 1} (epoch {epoch + 1}, "
-                        f"batch {batch_index + 1}/{steps_per_epoch}, first ids "
+                        f"loss is {global_loss.item()} at step {state['step'] + 1} (epoch "
+                        f"{epoch + 1}, batch {batch_index + 1}/{steps_per_epoch}, first ids "
                         f"{batch.ids[:3]}); stopped, the last good checkpoint in "
                         f"{self.output_dir / 'last'} is kept"
                     )
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
                 scheduler.step()
                 state["step"] += 1
-                state["epoch_loss_sum"] += loss.item()
+                state["epoch_loss_sum"] += global_loss.item()
                 state["batch_in_epoch"] = batch_index + 1
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.4f}")
+                bar.set_postfix(loss=f"{global_loss.item():.4f}")
                 mid_epoch = batch_index + 1 < steps_per_epoch
                 if cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0 and mid_epoch:
                     state["epoch_seconds"] += time.perf_counter() - started
                     started = time.perf_counter()
-                    self._save_last(model, state, optimizer, scheduler)
+                    self._save_last(model, state, optimizer, scheduler, scaler)
             bar.close()
             seconds = state["epoch_seconds"] + time.perf_counter() - started
             report = self._validate(model, val_source, collate)
@@ -580,12 +853,15 @@ class Trainer:
             state["history"].append(record)
             if state["best_score"] is None or score > state["best_score"]:
                 state["best_score"] = score
-                save_checkpoint(
-                    self.output_dir / "best", model, include_frozen=not self._all_frozen(model)
-                )
-            self._save_last(model, state, optimizer, scheduler)
+                if ctx.is_main:
+                    save_checkpoint(
+                        self.output_dir / "best", model, include_frozen=not self._all_frozen(model)
+                    )
+            self._save_last(model, state, optimizer, scheduler, scaler)
             self._write_metrics(state["history"])
         self._write_metrics(state["history"])
+        if ctx.distributed:
+            self._check_replicas(model)
         return TrainResult(
             self.output_dir,
             state["history"],
