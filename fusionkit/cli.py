@@ -1,4 +1,4 @@
-"""The ``fusionkit`` command: ``train``, ``evaluate``, ``predict`` and ``list``.
+"""The ``fusionkit`` command: ``train``, ``evaluate``, ``predict``, ``list``, ``data``, ``explain``.
 
 Errors fusionkit raises on purpose (bad config, bad data, bad checkpoint) print one line
 ``error: ...`` with a hint and exit with code 2; ``--debug`` shows the traceback.
@@ -7,6 +7,8 @@ Example:
     $ fusionkit train --train data/train.csv --val data/val.csv --output runs/mine
     $ fusionkit evaluate --checkpoint runs/mine --data data/test.csv
     $ fusionkit predict --checkpoint runs/mine --image shirt.png --text "red striped tee" --json
+    $ fusionkit data emoji --out data/emoji
+    $ fusionkit explain --checkpoint runs/mine --image shirt.png --text "red tee" --out fig.png
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ _HINTS = {
     "CheckpointError": "point --checkpoint at a run folder or its best/ or last/ folder",
     "TrainingError": "lower train.lr or check the data; resume from last/ with --resume",
     "RegistryError": "run `fusionkit list` to see the registered components",
+    "StorageError": "free disk space or fix permissions; the previous checkpoint is intact",
+    "ShapeError": "check the inputs' shapes and types against the model's expectations",
 }
 
 
@@ -47,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars or logs")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    train = commands.add_parser("train", help="train a model")
+    train = commands.add_parser(
+        "train",
+        help="train a model",
+        description="Train a model. Runs unchanged under torchrun (one process per device); "
+        "data.batch_size is then the global batch and only rank 0 writes OUTPUT.",
+    )
     train.add_argument("--config", help="run config YAML (model + data + train sections)")
     train.add_argument("--train", help="training manifest (overrides data.train)")
     train.add_argument("--val", help="validation manifest (overrides data.val)")
@@ -80,12 +89,64 @@ def build_parser() -> argparse.ArgumentParser:
     listing = commands.add_parser("list", help="list registered components")
     listing.add_argument("kind", nargs="?", help="component kind (default: all)")
     listing.add_argument("--pattern", default="*", help="fnmatch wildcard")
+    _add_data_parser(commands)
+    _add_explain_parser(commands)
     return parser
+
+
+def _add_data_parser(commands: Any) -> None:
+    """Register ``fusionkit data {emoji,food101,fashiongen}``: build or convert a data set."""
+    data = commands.add_parser("data", help="build or convert a data set into manifests")
+    sets = data.add_subparsers(dest="dataset", required=True)
+    emoji = sets.add_parser(
+        "emoji", help="the emoji set, built offline from Debian packages (no download)"
+    )
+    emoji.add_argument("--out", required=True, help="output folder")
+    emoji.add_argument("--seed", type=int, default=0, help="seed of the split")
+    emoji.add_argument("--image-size", type=int, default=128, help="image side in pixels")
+    emoji.add_argument("--skin-tones", action="store_true", help="add skin-tone variants")
+    emoji.add_argument(
+        "--drop-flag-prefix", action="store_true",
+        help="remove 'flag:' from the texts of flags (it names their group)",
+    )
+    food = sets.add_parser("food101", help="convert a local copy of UPMC Food-101")
+    food.add_argument("--root", required=True, help="folder holding images/ and texts/")
+    food.add_argument("--out", required=True, help="output folder (manifests)")
+    food.add_argument("--val-fraction", type=float, default=0.1,
+                      help="share of the training rows held out for validation")
+    food.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    fashion = sets.add_parser("fashiongen", help="convert local Fashion-Gen HDF5 files")
+    fashion.add_argument("--train", required=True, help="the training .h5 file")
+    fashion.add_argument("--val", required=True, help="the validation .h5 file (the test split)")
+    fashion.add_argument("--out", required=True, help="output folder (PNG images + manifests)")
+    fashion.add_argument("--val-fraction", type=float, default=0.05,
+                         help="share of the training rows held out for validation")
+    fashion.add_argument("--seed", type=int, default=0, help="seed of the validation split")
+    fashion.add_argument("--limit", type=int, help="convert at most this many rows per file")
+
+
+def _add_explain_parser(commands: Any) -> None:
+    """Register ``fusionkit explain``: a word's attention over the image (the paper's Fig. 2)."""
+    explain = commands.add_parser(
+        "explain", help="draw where in the image a word of the text attended"
+    )
+    explain.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    explain.add_argument("--image", required=True, help="image file")
+    explain.add_argument("--text", required=True, help="text")
+    explain.add_argument("--out", required=True, help="PNG to write")
+    explain.add_argument("--token", help="word to explain (default: the most image-attending)")
+    explain.add_argument("--layers", choices=("last", "mean"), default="last",
+                         help="last fusion layer, or the mean over layers")
+    explain.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
 
 
 def _train(args: argparse.Namespace) -> int:
     from fusionkit.training import Trainer, build_run_config
+    from fusionkit.training.distributed import env_rank
 
+    if env_rank() > 0:
+        # Under torchrun only rank 0 reports; the other ranks log warnings and errors.
+        logging.getLogger().setLevel(logging.WARNING)
     if args.config is None and (args.train is None or args.val is None):
         from fusionkit.errors import ConfigError
 
@@ -101,6 +162,8 @@ def _train(args: argparse.Namespace) -> int:
         device=args.device,
     )
     result = Trainer(config, args.output, resume=args.resume, progress=not args.quiet).fit()
+    if env_rank() > 0:
+        return 0
     last = result.history[-1] if result.history else {}
     print(
         f"trained {len(result.history)} epoch(s); best mean val accuracy "
@@ -167,6 +230,55 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data(args: argparse.Namespace) -> int:
+    if args.dataset == "emoji":
+        from fusionkit.data.emoji import build_emoji_dataset, split_counts
+
+        paths = build_emoji_dataset(
+            args.out,
+            seed=args.seed,
+            skin_tones=args.skin_tones,
+            drop_flag_prefix=args.drop_flag_prefix,
+            image_size=args.image_size,
+            progress=not args.quiet,
+        )
+        counts = {split: sum(groups.values()) for split, groups in split_counts(paths).items()}
+    elif args.dataset == "food101":
+        from fusionkit.data.public import convert_food101
+
+        paths = convert_food101(
+            args.root, args.out, val_fraction=args.val_fraction, seed=args.seed,
+            progress=not args.quiet,
+        )
+        counts = None
+    else:
+        from fusionkit.data.public import convert_fashiongen
+
+        paths = convert_fashiongen(
+            args.train, args.val, args.out, val_fraction=args.val_fraction, seed=args.seed,
+            limit=args.limit, progress=not args.quiet,
+        )
+        counts = None
+    for split, path in paths.items():
+        size = f" ({counts[split]} rows)" if counts else ""
+        print(f"{split}: {path}{size}")
+    return 0
+
+
+def _explain(args: argparse.Namespace) -> int:
+    from fusionkit.explain import explain
+
+    result = explain(
+        args.checkpoint, args.image, args.text, args.out, token=args.token,
+        layers=args.layers, device=args.device,
+    )
+    print(f"token {result.token!r} over a {result.grid[0]}x{result.grid[1]} grid: {result.path}")
+    for task, (label, probability) in result.predictions.items():
+        shares = " ".join(f"{m}={w:.2f}" for m, w in result.modality_weights[task].items())
+        print(f"{task}: {label} ({probability:.3f})  weights: {shares}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``fusionkit`` command.
 
@@ -190,7 +302,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from fusionkit.errors import FusionkitError
 
-    handlers = {"train": _train, "evaluate": _evaluate, "predict": _predict, "list": _list}
+    handlers = {
+        "train": _train,
+        "evaluate": _evaluate,
+        "predict": _predict,
+        "list": _list,
+        "data": _data,
+        "explain": _explain,
+    }
     try:
         return handlers[args.command](args)
     except FusionkitError as error:

@@ -1,0 +1,352 @@
+"""Explanations of a CMA-CLIP prediction: where in the image a word looked (the paper's Fig. 2).
+
+The sequence-wise attention lets every text token attend to every image token. The attention
+probabilities from one text token to the image's patch tokens, averaged over heads, form a map
+over the backbone's feature grid (one token per patch of a ViT, per feature-map position of a
+CNN). Upsampled and laid over the image, the map shows which region that word relied on. The
+per-task modality weights (which modality each task trusted) and the predictions go into the
+caption.
+
+Example:
+    >>> result = explain("runs/emoji/best", "cat.png", "grinning cat", "cat.png.explain.png")
+    ... # doctest: +SKIP
+    >>> result.grid  # doctest: +SKIP
+    (7, 7)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from fusionkit.errors import ConfigError, DataError, MissingDependencyError
+
+__all__ = ["Explanation", "attention_map", "explain", "feature_grid"]
+
+
+@dataclass
+class Explanation:
+    """What :func:`explain` returns.
+
+    Attributes:
+        heatmap: Attention of the chosen token to each image patch, ``(h, w)``, summing to the
+            token's total attention on the image's patches.
+        grid: ``(h, w)`` of the backbone's feature grid.
+        image: The model's input with the normalisation undone, ``(H, W, 3)`` in ``[0, 1]``
+            (resized and cropped as the model saw it, so the heatmap lines up with it).
+        token: The chosen text token (word pieces joined, ``##`` removed).
+        token_scores: Every candidate text token → its total attention on the image patches.
+        predictions: Task → ``(label, probability)`` (multi-label tasks: labels joined by
+            ``|``, probability of the most probable class).
+        modality_weights: Task → modality → weight.
+        path: The PNG written, or None.
+    """
+
+    heatmap: np.ndarray
+    grid: tuple[int, int]
+    image: np.ndarray
+    token: str
+    token_scores: dict[str, float] = field(default_factory=dict)
+    predictions: dict[str, tuple[str, float]] = field(default_factory=dict)
+    modality_weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    path: Path | None = None
+
+
+def feature_grid(num_tokens: int, height: int, width: int) -> tuple[int, int]:
+    """The ``(h, w)`` grid of ``num_tokens`` patch tokens of an ``height × width`` input.
+
+    Backbones flatten their feature map row-major, so ``h * w == num_tokens``; of the factor
+    pairs, the one whose aspect ratio is closest to the input's is the grid (exact for ViTs and
+    CNNs, whose strides are the same along both axes).
+
+    Args:
+        num_tokens: Number of patch tokens (prefix tokens excluded).
+        height: Input height in pixels.
+        width: Input width in pixels.
+
+    Returns:
+        ``(h, w)`` with ``h * w == num_tokens``.
+
+    Raises:
+        ConfigError: ``num_tokens`` or a side is not positive.
+
+    Example:
+        >>> feature_grid(49, 224, 224), feature_grid(12, 96, 128)
+        ((7, 7), (3, 4))
+    """
+    if num_tokens < 1 or height < 1 or width < 1:
+        raise ConfigError(
+            f"need positive token count and sides, got {num_tokens} tokens, {height}x{width}"
+        )
+    aspect = math.log(height / width)
+    pairs = [(h, num_tokens // h) for h in range(1, num_tokens + 1) if num_tokens % h == 0]
+    return min(pairs, key=lambda pair: abs(math.log(pair[0] / pair[1]) - aspect))
+
+
+def attention_map(
+    attentions: list[Tensor],
+    queries: list[int],
+    keys: range,
+    layers: Literal["last", "mean"] = "last",
+) -> Tensor:
+    """Attention from some query positions to a range of key positions, for sample 0.
+
+    Args:
+        attentions: Per layer ``(B, heads, L, L)`` probabilities (rows: queries).
+        queries: Query positions to average (the word pieces of one word).
+        keys: Key positions (the image patches).
+        layers: ``"last"`` layer only, or the ``"mean"`` over layers.
+
+    Returns:
+        ``(len(keys),)``: averaged over heads, the query positions and (with ``"mean"``) layers.
+
+    Raises:
+        ConfigError: ``layers`` is neither ``"last"`` nor ``"mean"``, or nothing to average.
+
+    Example:
+        >>> probs = torch.full((1, 2, 4, 4), 0.25)
+        >>> attention_map([probs], [0], range(2, 4))
+        tensor([0.2500, 0.2500])
+    """
+    if layers not in ("last", "mean"):
+        raise ConfigError(f"layers must be 'last' or 'mean', got {layers!r}")
+    if not attentions or not queries:
+        raise ConfigError("no attention layers or no query positions to explain")
+    chosen = attentions[-1:] if layers == "last" else attentions
+    stacked = torch.stack([layer[0].float() for layer in chosen])  # (layers, heads, L, L)
+    rows = stacked.mean(dim=(0, 1))[queries]
+    return rows[:, keys.start : keys.stop].mean(dim=0)
+
+
+def _words(tokenizer: Any, ids: list[int], mask: list[bool]) -> list[tuple[str, list[int]]]:
+    """The text's words and their token positions: word pieces merged, special tokens left out."""
+    special = set(getattr(tokenizer, "all_special_ids", []))
+    words: list[tuple[str, list[int]]] = []
+    for position, (token_id, real) in enumerate(zip(ids, mask, strict=True)):
+        if not real or token_id in special:
+            continue
+        piece = tokenizer.convert_ids_to_tokens(token_id)
+        if piece.startswith("##") and words:
+            words[-1] = (words[-1][0] + piece[2:], [*words[-1][1], position])
+        else:
+            words.append((piece, [position]))
+    return words
+
+
+def _describe_outputs(model: Any, output: Any) -> tuple[dict, dict]:
+    predictions: dict[str, tuple[str, float]] = {}
+    weights: dict[str, dict[str, float]] = {}
+    for task, spec in model.tasks.items():
+        logits = output.logits[task][0].float()
+        names = spec.class_names()
+        if spec.multi_label:
+            probs = logits.sigmoid()
+            chosen = [name for name, p in zip(names, probs, strict=True) if p >= 0.5]
+            predictions[task] = ("|".join(chosen) or "(none)", float(probs.max()))
+        else:
+            probs = logits.softmax(dim=0)
+            predictions[task] = (names[int(probs.argmax())], float(probs.max()))
+        weights[task] = {
+            modality: float(value)
+            for modality, value in zip(model.modalities, output.modality_weights[task][0],
+                                       strict=True)
+        }
+    return predictions, weights
+
+
+def _load_image(image: str | os.PathLike[str] | Image.Image, transform: Any) -> Tensor:
+    if not isinstance(image, Image.Image):
+        try:
+            with Image.open(image) as raw:
+                image = raw.convert("RGB")
+        except (OSError, ValueError) as error:
+            raise DataError(f"cannot read image {image}: {error}") from None
+    return transform(image.convert("RGB"))
+
+
+def _data_config(model: Any) -> dict[str, Any]:
+    """The checkpoint's evaluation preprocessing (the one its predictor uses)."""
+    from fusionkit.training import DataConfig, parse_section
+    from fusionkit.training.loop import image_data_config
+
+    data = parse_section(DataConfig, model.config.sections.get("data"), "data")
+    return image_data_config(model, data.image_size)
+
+
+def _display_image(pixels: Tensor, data_config: dict[str, Any]) -> np.ndarray:
+    """The model's input undone to ``[0, 1]`` RGB, so the map lines up with what it saw."""
+    mean = torch.tensor(data_config.get("mean", (0.485, 0.456, 0.406)))[:, None, None]
+    std = torch.tensor(data_config.get("std", (0.229, 0.224, 0.225)))[:, None, None]
+    return (pixels.cpu() * std + mean).clamp(0, 1).permute(1, 2, 0).numpy()
+
+
+def _plot(
+    image: np.ndarray,
+    heatmap: np.ndarray,
+    title: str,
+    caption: str,
+    out: Path,
+) -> None:
+    try:
+        import matplotlib
+    except ImportError:
+        raise MissingDependencyError(
+            "drawing an explanation needs matplotlib: `pip install matplotlib`"
+        ) from None
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height, width = image.shape[:2]
+    upsampled = torch.nn.functional.interpolate(
+        torch.from_numpy(heatmap)[None, None].float(), size=(height, width), mode="bilinear",
+        align_corners=False,
+    )[0, 0].numpy()
+    figure, axes = plt.subplots(1, 2, figsize=(8, 4.6))
+    axes[0].imshow(image)
+    axes[0].set_title("input")
+    axes[1].imshow(image)
+    # The colour range spans the map's own minimum to maximum: attention over ~50 patches is
+    # spread thin, and a scale from 0 would hide where it concentrates.
+    overlay = axes[1].imshow(upsampled, cmap="jet", alpha=0.5)
+    axes[1].set_title(title)
+    for axis in axes:
+        axis.axis("off")
+    figure.colorbar(overlay, ax=axes[1], fraction=0.046, pad=0.04, label="attention probability")
+    figure.text(0.5, 0.02, caption, ha="center", va="bottom", fontsize=8, wrap=True)
+    figure.tight_layout(rect=(0, 0.12, 1, 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=120)
+    plt.close(figure)
+
+
+@torch.no_grad()
+def explain(
+    checkpoint: str | os.PathLike[str] | Any,
+    image: str | os.PathLike[str] | Image.Image,
+    text: str,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    token: str | None = None,
+    layers: Literal["last", "mean"] = "last",
+    device: str = "cpu",
+) -> Explanation:
+    """Map the attention of one text token onto the image and draw it (the paper's Fig. 2).
+
+    The attention probabilities come from ``model(..., return_attention=True)``, which runs the
+    plain ``math`` attention; they are averaged over heads and taken from the last fusion layer
+    (``layers="last"``, the one whose output feeds the summaries) or averaged over layers.
+
+    Args:
+        checkpoint: A run folder (its ``best/``), a checkpoint folder, or a loaded
+            :class:`~fusionkit.training.Predictor` (to explain many samples, loading once).
+        image: The image (path or PIL image).
+        text: The text.
+        out: PNG to write (input and overlay side by side, predictions and modality weights
+            in the caption); ``None`` writes nothing.
+        token: The word to explain; by default the word (punctuation left out) with the most
+            attention on the image patches.
+        layers: ``"last"`` or ``"mean"`` (see above).
+        device: ``auto``, ``cpu`` or ``cuda`` (ignored for a loaded predictor).
+
+    Returns:
+        The :class:`Explanation`.
+
+    Raises:
+        MissingDependencyError: ``out`` is given and matplotlib is not installed.
+        ConfigError: The model lacks sequence-wise attention, a vision or a text encoder, or
+            ``token`` is not a word of ``text``.
+        DataError: The image cannot be read or the text is empty.
+        CheckpointError: The checkpoint cannot be loaded.
+
+    Example:
+        >>> explain("runs/emoji", "images/1f600.png", "grinning face", "fig.png").token
+        ... # doctest: +SKIP
+        'grinning'
+    """
+    from fusionkit.training import Predictor
+
+    if not isinstance(text, str) or not text.strip():
+        raise DataError("explain needs a non-empty text")
+    predictor = (
+        checkpoint
+        if isinstance(checkpoint, Predictor)
+        else Predictor.from_pretrained(checkpoint, device=device)
+    )
+    model = predictor.model
+    fusion = model.sequence_fusion
+    if fusion is None or model.vision is None or model.text is None:
+        raise ConfigError(
+            "explain needs a model with sequence-wise attention and both a vision and a text "
+            "encoder (fusion.sequence, vision and text set)"
+        )
+    pixels = _load_image(image, predictor.image_transform)
+    inputs = model.text.tokenize([text])
+    ids = inputs["input_ids"][0].tolist()
+    mask = inputs["attention_mask"][0].bool().tolist()
+    output = model(
+        images=pixels[None].to(predictor.device),
+        text_inputs={key: value.to(predictor.device) for key, value in inputs.items()},
+        return_attention=True,
+    )
+
+    # A learned summary token sits before each modality's tokens; "first" reuses token 0.
+    skip = 1 if getattr(fusion, "summary_tokens", None) is not None else 0
+    image_start, image_end = output.spans["image"]
+    text_start = output.spans["text"][0] + skip
+    patches = range(image_start + skip + model.vision.num_prefix_tokens, image_end)
+    grid = feature_grid(len(patches), pixels.shape[1], pixels.shape[2])
+
+    words = _words(model.text.tokenizer, ids, mask)
+    if not words:
+        raise DataError(f"the text {text!r} has no word token after tokenization")
+    scores = {
+        word: float(attention_map(output.attentions, [text_start + p for p in positions],
+                                  patches, layers).sum())
+        for word, positions in reversed(words)  # the first occurrence of a word wins
+    }
+    if token is None:
+        # Punctuation carries no meaning to ground in the image; prefer real words.
+        candidates = [item for item in words if any(c.isalnum() for c in item[0])] or words
+        chosen = max(candidates, key=lambda item: scores[item[0]])
+    else:
+        wanted = token.strip().lower()
+        matches = [item for item in words if item[0].lower() == wanted]
+        if not matches:
+            raise ConfigError(
+                f"token {token!r} is not a word of the text; its words are "
+                f"{[word for word, _ in words]}"
+            )
+        chosen = matches[0]
+    weights = attention_map(
+        output.attentions, [text_start + p for p in chosen[1]], patches, layers
+    )
+    heatmap = weights.reshape(grid).cpu().numpy()
+    predictions, modality_weights = _describe_outputs(model, output)
+    result = Explanation(
+        heatmap=heatmap,
+        grid=grid,
+        image=_display_image(pixels, _data_config(model)),
+        token=chosen[0],
+        token_scores=scores,
+        predictions=predictions,
+        modality_weights=modality_weights,
+    )
+    if out is not None:
+        caption = "\n".join(
+            f"{task}: {label} ({probability:.2f})   weights "
+            + " ".join(f"{m}={w:.2f}" for m, w in modality_weights[task].items())
+            for task, (label, probability) in predictions.items()
+        )
+        title = f"attention of {chosen[0]!r} ({layers} layer{'s' if layers == 'mean' else ''})"
+        result.path = Path(out)
+        _plot(result.image, heatmap, title, f"text: {text}\n{caption}", result.path)
+    return result
