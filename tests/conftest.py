@@ -59,8 +59,8 @@ def isolated_registry():
 
 
 TINY_WORDS = [
-    *("a", "red", "blue", "green", "striped", "plain"),
-    *("shirt", "dress", "bag", "the", "cat"),
+    *("a", "red", "blue", "green", "striped", "plain", "shirt", "dress", "bag", "the"),
+    *("cat", "dog", "sits", "on", "mat", "runs"),
 ]
 
 

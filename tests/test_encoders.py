@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from conftest import TINY_WORDS
 from PIL import Image
 from safetensors.torch import save_file
 from skimage import data as skimage_data
-from transformers import BertConfig, BertModel, BertTokenizer
 
 import fusionkit
 from fusionkit.encoders import (
@@ -442,29 +442,6 @@ def test_huggingface_adapter_loads_offline_name(minilm):
 
 
 # ------------------------------------------------------------------------ Hugging Face text
-
-TINY_WORDS = ["a", "cat", "dog", "sits", "on", "the", "mat", "red", "blue", "runs"]
-
-
-@pytest.fixture(scope="module")
-def tiny_bert_dir(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-bert")
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *TINY_WORDS]) + "\n")
-    tokenizer = BertTokenizer(str(vocab))
-    config = BertConfig(
-        vocab_size=5 + len(TINY_WORDS),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
 
 @pytest.fixture(scope="module")
 def tiny_bert(tiny_bert_dir) -> HuggingFaceTextEncoder:

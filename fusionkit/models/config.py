@@ -46,6 +46,7 @@ __all__ = [
     "ComponentConfig",
     "FusionConfig",
     "ModelConfig",
+    "matches_type",
 ]
 
 DEFAULT_VISION: dict[str, Any] = {
@@ -74,15 +75,31 @@ def _did_you_mean(word: str, choices: list[str]) -> str:
     return f"{hint}accepted: {', '.join(choices)}"
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    """Whether a config value (YAML scalars, lists, mappings) fits a type hint."""
+def matches_type(value: Any, hint: Any) -> bool:
+    """Whether a config value (YAML scalars, lists, mappings) fits a type hint.
+
+    ``bool`` is not an ``int`` here, an ``int`` is a ``float``, ``Literal`` values must match
+    in type too, and ``list[X]`` checks its items. Hints of other objects (paths, modules)
+    accept anything: the component that takes them validates them.
+
+    Args:
+        value: The value as read from YAML.
+        hint: A resolved type hint.
+
+    Returns:
+        True if the value fits.
+
+    Example:
+        >>> matches_type(3, int | None), matches_type(True, int)
+        (True, False)
+    """
     origin = typing.get_origin(hint)
     if hint is Any or hint is inspect.Parameter.empty:
         return True
     if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
+        return any(matches_type(value, arg) for arg in typing.get_args(hint))
     if origin is typing.Literal:
-        return value in typing.get_args(hint)
+        return any(value == arg and type(value) is type(arg) for arg in typing.get_args(hint))
     if hint is type(None):
         return value is None
     if hint is bool:
@@ -96,9 +113,11 @@ def _matches(value: Any, hint: Any) -> bool:
     container = origin or hint
     if container in (dict, Mapping, collections.abc.Mapping):
         return isinstance(value, Mapping)
-    if container in (list, tuple, Sequence, collections.abc.Sequence):
+    if container is list:
+        items = typing.get_args(hint)
+        return isinstance(value, list) and all(matches_type(v, items[0]) for v in value if items)
+    if container in (tuple, Sequence, collections.abc.Sequence):
         return isinstance(value, (list, tuple))
-    # Paths and other objects: YAML gives strings; let the component judge.
     return True
 
 
@@ -197,7 +216,7 @@ class ComponentConfig:
                     f"{where}: unknown option for {kind} {name!r}; {_did_you_mean(key, named)}"
                 )
             hint = hints.get(key, inspect.Parameter.empty)
-            if not _matches(value, hint):
+            if not matches_type(value, hint):
                 shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
                 raise ConfigError(f"{where}: expected {shown}, got {value!r}")
         missing = [

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fusionkit.errors import ConfigError
+from fusionkit.models.config import matches_type
 
 __all__ = ["DataConfig", "TrainConfig", "parse_section"]
 
@@ -145,28 +145,6 @@ def _positive(value: int, path: str) -> None:
         raise ConfigError(f"{path}: expected a positive integer, got {value}")
 
 
-def _matches(value: Any, hint: Any) -> bool:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(hint))
-    if origin is Literal:
-        return any(value == arg and type(value) is type(arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    if origin is list:
-        (item,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    return False
-
-
 def _describe(hint: Any) -> str:
     if isinstance(hint, type):
         return hint.__name__
@@ -207,7 +185,7 @@ def parse_section(cls: type[_Section], raw: Mapping[str, Any] | None, path: str)
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
             hint = f"did you mean {close[0]!r}? " if close else ""
             raise ConfigError(f"{path}.{key}: unknown key; {hint}accepted: {', '.join(names)}")
-        if not _matches(value, hints[key]):
+        if not matches_type(value, hints[key]):
             raise ConfigError(f"{path}.{key}: expected {_describe(hints[key])}, got {value!r}")
         values[key] = float(value) if hints[key] is float else value
     return cls(**values)
