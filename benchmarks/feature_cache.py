@@ -42,14 +42,14 @@ def _run(config: dict, name: str) -> tuple[float, list[float]]:
     return wall, [json.loads(line)["epoch_seconds"] for line in lines]
 
 
-def _measure(config: dict, image_size: int) -> tuple[list[float], list[float], float, float]:
+def _measure(config: dict, image_size: int) -> tuple[list[float], list[float], float]:
     config = {**config, "data": {**config["data"], "image_size": image_size}}
     cache_dir = ROOT / f"cache-{image_size}"
     shutil.rmtree(cache_dir, ignore_errors=True)
     train = {**config["train"], "cache_dir": str(cache_dir)}
     _, uncached = _run({**config, "train": {**train, "cache_features": False}}, "uncached")
     wall, cached = _run({**config, "train": {**train, "cache_features": True}}, "cached")
-    return uncached, cached, wall - sum(cached), wall
+    return uncached, cached, wall - sum(cached)
 
 
 def main() -> None:
@@ -86,7 +86,7 @@ def main() -> None:
         "|---|---|---|---|---|---|",
     ]
     for size in sizes:
-        uncached, cached, encode, _ = _measure(config, size)
+        uncached, cached, encode = _measure(config, size)
         full, fast = statistics.median(uncached), statistics.median(cached[1:])
         lines.append(
             f"| {size} px | {', '.join(f'{t:.1f}' for t in uncached)} | "
