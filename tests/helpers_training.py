@@ -11,6 +11,7 @@ The hooks wrap functions of the trainer in this process only; the library is unc
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import signal
@@ -76,6 +77,26 @@ def tiny_run_config(
         "train": {"epochs": 2, "lr": 3e-3, "lr_backbone": 1e-4, "device": "cpu",
                   "warmup_ratio": 0.0, "cache_dir": str(cache), **overrides},
     }
+
+
+def assert_same_final_run(run: Path, reference: Path) -> None:
+    """Assert two runs ended with bit-identical last weights and the same metrics history
+    (epoch timings aside)."""
+    import torch
+
+    from fusionkit.io import load_weights
+
+    a = load_weights(run / "last" / "model.safetensors")
+    b = load_weights(reference / "last" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+    def metrics(folder: Path) -> list[dict[str, Any]]:
+        records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in records]
+
+    assert metrics(run) == metrics(reference)
 
 
 def _die() -> None:

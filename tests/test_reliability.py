@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers_training import KILL_POINTS, RESUME_STEP, tiny_run_config
+from helpers_training import KILL_POINTS, RESUME_STEP, assert_same_final_run, tiny_run_config
 from PIL import Image
 from test_fuzz import FUZZ_EXAMPLES
 
@@ -501,17 +501,7 @@ def test_sigkill_at_each_kill_point_then_resume_matches_uninterrupted_run(
     final = _runner(path, killed, "none")
     _, stderr = final.communicate(timeout=300)
     assert final.returncode == 0, stderr[-2000:]
-    a = load_weights(killed / "last" / "model.safetensors")
-    b = load_weights(tmp_path / "reference" / "last" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-    def metrics(folder):
-        records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in records]
-
-    assert metrics(killed) == metrics(tmp_path / "reference")
+    assert_same_final_run(killed, tmp_path / "reference")
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers_training import assert_same_final_run
 
 from fusionkit.data import generate_catalogue
 from fusionkit.errors import ConfigError
@@ -148,17 +149,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(catalogue, tiny_bert_dir
     resumed = _train_cli(path, killed_dir, "--resume")
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert reference.wait(timeout=300) == 0, reference.stderr.read()
-    a = load_weights(killed_dir / "last" / "model.safetensors")
-    b = load_weights(tmp_path / "reference" / "last" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for key in a:
-        assert torch.equal(a[key], b[key]), key
-
-    def metrics(folder):
-        records = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-        return [{k: v for k, v in r.items() if k != "epoch_seconds"} for r in records]
-
-    assert metrics(killed_dir) == metrics(tmp_path / "reference")
+    assert_same_final_run(killed_dir, tmp_path / "reference")
 
 
 def test_nan_loss_raises_and_keeps_last_checkpoint(catalogue, tiny_bert_dir, tmp_path,

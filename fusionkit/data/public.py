@@ -72,6 +72,25 @@ def _hold_out(labels: Sequence[str], fraction: float, seed: int, stream: str) ->
     return held
 
 
+def _write_splits(
+    out: Path,
+    columns: list[str],
+    train_rows: list[list[str]],
+    test_rows: list[list[str]],
+    held: set[int],
+) -> dict[str, Path]:
+    """Write train (minus the held-out rows), val (the held-out rows) and test manifests."""
+    return {
+        "train": _write_manifest(
+            out / "train.csv", columns, [r for i, r in enumerate(train_rows) if i not in held]
+        ),
+        "val": _write_manifest(
+            out / "val.csv", columns, [r for i, r in enumerate(train_rows) if i in held]
+        ),
+        "test": _write_manifest(out / "test.csv", columns, test_rows),
+    }
+
+
 def _write_manifest(path: Path, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="", encoding="utf-8") as handle:
@@ -159,15 +178,7 @@ def convert_food101(
         test_rows = _food101_rows(source, "test")
         bar.update(1)
     held = _hold_out([row[3] for row in train_rows], fraction, seed, "food101")
-    return {
-        "train": _write_manifest(
-            out / "train.csv", columns, [r for i, r in enumerate(train_rows) if i not in held]
-        ),
-        "val": _write_manifest(
-            out / "val.csv", columns, [r for i, r in enumerate(train_rows) if i in held]
-        ),
-        "test": _write_manifest(out / "test.csv", columns, test_rows),
-    }
+    return _write_splits(out, columns, train_rows, test_rows, held)
 
 
 # --------------------------------------------------------------------------------------------
@@ -296,12 +307,4 @@ def convert_fashiongen(
     train_rows = _fashiongen_rows(Path(train), out, "train", limit, progress)
     test_rows = _fashiongen_rows(Path(val), out, "test", limit, progress)
     held = _hold_out([row[3] for row in train_rows], fraction, seed, "fashiongen")
-    return {
-        "train": _write_manifest(
-            out / "train.csv", columns, [r for i, r in enumerate(train_rows) if i not in held]
-        ),
-        "val": _write_manifest(
-            out / "val.csv", columns, [r for i, r in enumerate(train_rows) if i in held]
-        ),
-        "test": _write_manifest(out / "test.csv", columns, test_rows),
-    }
+    return _write_splits(out, columns, train_rows, test_rows, held)
