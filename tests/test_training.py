@@ -18,7 +18,7 @@ from helpers_training import assert_same_final_run
 from fusionkit.data import generate_catalogue
 from fusionkit.errors import ConfigError
 from fusionkit.io import load_weights
-from fusionkit.models import CMACLIP
+from fusionkit.models import CMACLIP, build_model
 from fusionkit.training import Predictor, Trainer, TrainingError, build_run_config
 from fusionkit.training.config import TrainConfig, parse_section
 
@@ -93,6 +93,11 @@ def test_feature_cache_encodes_once_and_matches_uncached(catalogue, tiny_bert_di
     assert cached.cache_stats.misses == 2 and cached.cache_stats.encoded_batches == 2
     again = fit(config, tmp_path / "cached-again")
     assert calls["n"] == 2 and again.cache_stats.hits == 2
+    # Filling the cache draws nothing from the RNG: reading it trains bit-identically.
+    torch.testing.assert_close(
+        load_weights(tmp_path / "cached-again" / "last" / "model.safetensors"),
+        load_weights(tmp_path / "cached" / "last" / "model.safetensors"), rtol=0, atol=0,
+    )
 
     plain = fit({**config, "train": {**config["train"], "cache_features": False}},
                 tmp_path / "plain")
@@ -123,6 +128,55 @@ def _state(folder):
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def test_partial_feature_cache_keeps_frozen_image_and_trains_text_live(catalogue, tiny_bert_dir,
+                                                                        tmp_path, monkeypatch):
+    from fusionkit.encoders.vision import TimmVisionEncoder
+
+    image_calls = {"n": 0}
+    original = TimmVisionEncoder.forward
+
+    def counting(self, *args, **kwargs):
+        image_calls["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(TimmVisionEncoder, "forward", counting)
+    config = tiny_config(catalogue, tiny_bert_dir, tmp_path, epochs=3, augment=False,
+                         cache_dtype="float32", lr_backbone=1e-3)
+    config["text"]["freeze"] = False
+    cached = fit(config, tmp_path / "cached")
+    # The frozen image backbone runs once per split, the trainable text encoder every batch.
+    assert image_calls["n"] == 2
+    assert cached.cache_stats.misses == 2 and cached.cache_stats.encoded_batches == 2
+
+    plain = fit({**config, "train": {**config["train"], "cache_features": False}},
+                tmp_path / "plain")
+    assert plain.cache_stats is None and image_calls["n"] > 2 + 3 * 5
+    a = load_weights(tmp_path / "cached" / "last" / "model.safetensors")
+    b = load_weights(tmp_path / "plain" / "last" / "model.safetensors")
+    start = build_model(build_run_config(config)).state_dict()
+    assert a.keys() == b.keys()
+    text_keys = [k for k in a if k.startswith("text.") and "pooler" not in k]
+    assert any(not torch.equal(a[k], start[k]) for k in text_keys), "text encoder did not train"
+    for key in a:
+        # As in the all-frozen test: the same losses, Adam-amplified rounding drift.
+        torch.testing.assert_close(a[key], b[key], rtol=0.0, atol=15 * 3e-3)
+    assert cached.history[-1]["val_loss"] == pytest.approx(plain.history[-1]["val_loss"],
+                                                           rel=0.02)
+    # A rerun loads the image cache and still trains the text encoder live.
+    again = fit(config, tmp_path / "again")
+    assert again.cache_stats.hits == 2 and image_calls["n"] > 2 + 3 * 5
+    torch.testing.assert_close(
+        load_weights(tmp_path / "again" / "last" / "model.safetensors"), a, rtol=0, atol=0
+    )
+
+
+def test_cache_features_true_without_a_frozen_encoder_is_a_config_error(catalogue, tiny_bert_dir,
+                                                                        tmp_path):
+    config = tiny_config(catalogue, tiny_bert_dir, tmp_path, frozen=False, cache_features=True)
+    with pytest.raises(ConfigError, match="at least one used encoder frozen"):
+        fit(config, tmp_path / "run")
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(catalogue, tiny_bert_dir, tmp_path):
@@ -182,3 +236,25 @@ def test_train_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"data\.val"):
         Trainer(build_run_config({"tasks": {"a": {"num_classes": 2}},
                                   "data": {"train": "x.csv"}}), "out")
+    with pytest.raises(ConfigError, match=r"train\.modality_dropout: expected a number in \[0, 1\]"):
+        parse_section(TrainConfig, {"modality_dropout": 1.5}, "train")
+
+
+def test_modality_dropout_hides_one_modality_in_training_only(catalogue, tiny_bert_dir, tmp_path,
+                                                               monkeypatch):
+    seen = {"train": [], "eval": []}
+    original = CMACLIP.forward_head
+
+    def recording(self, tokens, masks, **kwargs):
+        present = torch.stack([masks[m].any(dim=1) for m in ("image", "text")], dim=1)
+        seen["train" if self.training else "eval"].append(present)
+        return original(self, tokens, masks, **kwargs)
+
+    monkeypatch.setattr(CMACLIP, "forward_head", recording)
+    config = tiny_config(catalogue, tiny_bert_dir, tmp_path, epochs=1, modality_dropout=1.0)
+    fit(config, tmp_path / "run")
+    trained = torch.cat(seen["train"])
+    # Every catalogue sample has both modalities; with p = 1 each trains on exactly one.
+    assert len(trained) == 40 and (trained.sum(dim=1) == 1).all()
+    assert 0 < trained[:, 0].sum() < 40
+    assert torch.cat(seen["eval"]).all()

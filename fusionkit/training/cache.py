@@ -1,15 +1,20 @@
 """Frozen-backbone feature cache: encode a data set once, train the fusion on stored tokens.
 
-When every encoder a model uses is frozen, its token features for a given image never change,
-so the trainer stores :meth:`~fusionkit.models.CMACLIP.forward_features` outputs (tokens and
-masks per modality) in a safetensors file and later epochs run only ``forward_head``. The file
-is named by a hash of everything that determines the features: the encoders' config, the
-manifest path with its size and modification time, the sample ids kept, the image transform key
-and the storage dtype. Texts of different lengths are stored padded to the data set's longest
-text with their masks; :func:`collate_features` trims a batch to its own longest text.
+A frozen encoder's token features for a given input never change, so the trainer stores its
+:meth:`~fusionkit.models.CMACLIP.forward_features` outputs (tokens and masks per modality) in a
+safetensors file and later epochs reuse them. When every encoder is frozen, only
+``forward_head`` runs; when some are trainable (say, a fine-tuned text encoder beside a frozen
+image backbone), the frozen modalities come from the cache and the trainable ones run live on
+every batch (their raw inputs travel with the cached tokens in a :class:`FeatureBatch`).
 
-Training images are not augmented in this mode: a cached feature is that of the evaluation
-transform.
+The file is named by a hash of everything that determines the features: the cached encoders'
+config, the manifest path with its size and modification time, the sample ids kept, the image
+transform key and the storage dtype. Texts of different lengths are stored padded to the data
+set's longest text with their masks; :func:`collate_features` trims a batch to its own longest
+text.
+
+Training images are not augmented when the image features are cached: a cached feature is that
+of the evaluation transform.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from fusionkit.data import ManifestDataset, make_collate
+from fusionkit.data import Batch, ManifestDataset, make_collate
 from fusionkit.errors import CheckpointError
 from fusionkit.io import load_weights, save_weights
 
@@ -36,6 +41,7 @@ __all__ = [
     "CachedFeatures",
     "FeatureBatch",
     "FeatureCollator",
+    "batch_tokens",
     "collate_features",
     "default_cache_dir",
     "encode_dataset",
@@ -44,7 +50,7 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger("fusionkit.training")
-_VERSION = "fusionkit-features-v1"
+_VERSION = "fusionkit-features-v2"
 
 
 def default_cache_dir() -> Path:
@@ -81,15 +87,21 @@ class CacheStats:
 
 
 def feature_cache_key(
-    model: Any, dataset: ManifestDataset, transform_key: str, dtype: torch.dtype
+    model: Any,
+    dataset: ManifestDataset,
+    transform_key: str,
+    dtype: torch.dtype,
+    modalities: Sequence[str] | None = None,
 ) -> str:
     """Hash of everything that determines a data set's cached features.
 
     Args:
-        model: The model (its ``config.vision`` / ``config.text`` sections are hashed).
+        model: The model (the ``config.vision`` / ``config.text`` sections of the cached
+            modalities are hashed).
         dataset: The manifest data set (path, size, mtime and kept sample ids are hashed).
         transform_key: :func:`~fusionkit.data.transform_key` of the image transform.
         dtype: Storage dtype.
+        modalities: The cached modalities (default: every modality of the model).
 
     Returns:
         A 24-character hex digest.
@@ -98,10 +110,13 @@ def feature_cache_key(
         >>> key = feature_cache_key(model, dataset, "eval/...", torch.float16)  # doctest: +SKIP
     """
     stat = dataset.path.stat()
+    cached = set(model.modalities if modalities is None else modalities)
+    vision = model.config.vision if "image" in cached else None
+    text = model.config.text if "text" in cached else None
     parts = {
         "version": _VERSION,
-        "vision": None if model.config.vision is None else model.config.vision.to_dict(),
-        "text": None if model.config.text is None else model.config.text.to_dict(),
+        "vision": None if vision is None else vision.to_dict(),
+        "text": None if text is None else text.to_dict(),
         "manifest": str(dataset.path.resolve()),
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
@@ -115,19 +130,24 @@ def feature_cache_key(
 
 @dataclass
 class FeatureBatch:
-    """A batch of cached features and targets.
+    """A batch of cached features and targets, with the raw inputs of live encoders.
 
     Attributes:
         ids: Sample ids.
-        tokens: Modality → ``(B, N, C)`` float32.
-        masks: Modality → ``(B, N)`` bool.
+        tokens: Cached modality → ``(B, N, C)`` float32.
+        masks: Cached modality → ``(B, N)`` bool.
         targets: Task → targets as in :class:`~fusionkit.data.Batch`.
+        live: The modalities whose (trainable) encoders run on every batch.
+        inputs: A :class:`~fusionkit.data.Batch` holding the raw inputs of the ``live``
+            modalities (None when every modality is cached).
     """
 
     ids: list[str]
     tokens: dict[str, Tensor]
     masks: dict[str, Tensor]
     targets: dict[str, Tensor] = field(default_factory=dict)
+    live: tuple[str, ...] = ()
+    inputs: Batch | None = None
 
     def __len__(self) -> int:
         """The batch size."""
@@ -138,9 +158,12 @@ class CachedFeatures(Dataset):
     """Cached encoder features of a :class:`~fusionkit.data.ManifestDataset`, sample by sample.
 
     Args:
-        dataset: The data set the features belong to (targets are read from its records).
-        tokens: Modality → ``(N, L, C)``.
-        masks: Modality → ``(N, L)`` bool.
+        dataset: The data set the features belong to (targets are read from its records;
+            the raw inputs of ``live`` modalities are loaded from it).
+        tokens: Cached modality → ``(N, L, C)``.
+        masks: Cached modality → ``(N, L)`` bool.
+        live: Modalities not in the cache, whose raw inputs each sample carries (an image
+            through the data set's transform, a text as it is).
 
     Example:
         >>> features = encode_dataset(model, dataset, cache_dir)  # doctest: +SKIP
@@ -149,24 +172,33 @@ class CachedFeatures(Dataset):
     """
 
     def __init__(
-        self, dataset: ManifestDataset, tokens: dict[str, Tensor], masks: dict[str, Tensor]
+        self,
+        dataset: ManifestDataset,
+        tokens: dict[str, Tensor],
+        masks: dict[str, Tensor],
+        live: Sequence[str] = (),
     ) -> None:
         self.dataset = dataset
         self.tokens = tokens
         self.masks = masks
+        self.live = tuple(live)
 
     def __len__(self) -> int:
         """Number of samples."""
         return len(self.dataset.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """One sample: ``id``, ``tokens`` and ``masks`` per modality, ``targets``."""
+        """One sample: ``id``, cached ``tokens`` and ``masks`` per modality, ``targets``, and
+        the ``image`` / ``text`` of live modalities (None for cached ones)."""
         record = self.dataset.records[index]
+        image = self.dataset[index]["image"] if "image" in self.live else None
         return {
             "id": record.id,
             "tokens": {m: t[index] for m, t in self.tokens.items()},
             "masks": {m: k[index] for m, k in self.masks.items()},
             "targets": dict(record.targets),
+            "image": image,
+            "text": record.text if "text" in self.live else None,
         }
 
 
@@ -175,22 +207,34 @@ class FeatureCollator:
 
     Args:
         tasks: The tasks to collate targets for.
+        live: Modalities whose raw inputs the samples carry.
+        image_shape: ``(3, H, W)`` of live images (for a batch without any image).
     """
 
-    def __init__(self, tasks: dict[str, Any]) -> None:
-        self.targets = make_collate(tasks)
+    def __init__(
+        self,
+        tasks: dict[str, Any],
+        live: Sequence[str] = (),
+        image_shape: Sequence[int] | None = None,
+    ) -> None:
+        self.targets = make_collate(tasks, image_shape)
+        self.live = tuple(live)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> FeatureBatch:
         """Stack ``samples`` into a :class:`FeatureBatch`."""
-        return collate_features(samples, self.targets)
+        return collate_features(samples, self.targets, self.live)
 
 
-def collate_features(samples: Sequence[dict[str, Any]], target_collate: Any) -> FeatureBatch:
+def collate_features(
+    samples: Sequence[dict[str, Any]], target_collate: Any, live: Sequence[str] = ()
+) -> FeatureBatch:
     """Stack cached samples; padding beyond the batch's longest sequence is dropped.
 
     Args:
         samples: Items of :class:`CachedFeatures`.
-        target_collate: A :func:`~fusionkit.data.make_collate` collator for the targets.
+        target_collate: A :func:`~fusionkit.data.make_collate` collator for the targets (and
+            the raw inputs of live modalities).
+        live: Modalities whose raw inputs the samples carry.
 
     Returns:
         The batch, tokens as float32.
@@ -207,9 +251,15 @@ def collate_features(samples: Sequence[dict[str, Any]], target_collate: Any) -> 
         masks[modality] = mask[:, :length]
         tokens[modality] = torch.stack([s["tokens"][modality][:length] for s in samples]).float()
     batch = target_collate(
-        [{"id": s["id"], "image": None, "text": None, "targets": s["targets"]} for s in samples]
+        [
+            {"id": s["id"], "image": s.get("image"), "text": s.get("text"), "targets": s["targets"]}
+            for s in samples
+        ]
     )
-    return FeatureBatch(batch.ids, tokens, masks, batch.targets)
+    live = tuple(live)
+    return FeatureBatch(
+        batch.ids, tokens, masks, batch.targets, live=live, inputs=batch if live else None
+    )
 
 
 def _pad_cat(chunks: list[Tensor], length: int) -> Tensor:
@@ -235,12 +285,13 @@ def encode_dataset(
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float16,
     stats: CacheStats | None = None,
+    modalities: Sequence[str] | None = None,
 ) -> CachedFeatures:
     """Load a data set's features from the cache, or encode and store them.
 
     Args:
-        model: A model with ``forward_features`` whose encoders are frozen.
-        dataset: The data set, with the evaluation image transform.
+        model: A model with ``forward_features`` whose encoders of ``modalities`` are frozen.
+        dataset: The data set, with the evaluation image transform when images are cached.
         cache_dir: The cache folder.
         transform_key: Key of the data set's image transform.
         batch_size: Encoding batch size.
@@ -249,15 +300,28 @@ def encode_dataset(
         device: Device to encode on.
         dtype: Storage dtype (``float16`` halves the disk and memory footprint).
         stats: Counters to update.
+        modalities: The modalities to cache (default: every modality of the model); the
+            others are left live: each sample carries their raw inputs.
 
     Returns:
         The features (float tensors in ``dtype``, on the CPU).
+
+    Raises:
+        ValueError: ``modalities`` is empty or names a modality the model lacks.
 
     Example:
         >>> features = encode_dataset(model, dataset, "~/.cache/x", key)  # doctest: +SKIP
     """
     stats = stats if stats is not None else CacheStats()
-    key = feature_cache_key(model, dataset, transform_key, dtype)
+    cached = tuple(model.modalities if modalities is None else modalities)
+    unknown = sorted(set(cached) - set(model.modalities))
+    if not cached or unknown:
+        raise ValueError(
+            f"modalities: expected a non-empty subset of {list(model.modalities)}, got "
+            f"{list(cached)}"
+        )
+    live = tuple(m for m in model.modalities if m not in cached)
+    key = feature_cache_key(model, dataset, transform_key, dtype, cached)
     path = Path(cache_dir).expanduser() / f"{key}.safetensors"
     if path.is_file():
         try:
@@ -268,18 +332,26 @@ def encode_dataset(
             stats.hits += 1
             tokens = {k.split(".")[0]: v for k, v in stored.items() if k.endswith(".tokens")}
             masks = {k.split(".")[0]: v for k, v in stored.items() if k.endswith(".mask")}
-            return CachedFeatures(dataset, tokens, masks)
+            return CachedFeatures(dataset, tokens, masks, live)
     stats.misses += 1
     was_training = model.training
     model.eval()
+    # Only the cached modalities' inputs are loaded (no image decoding for a text cache).
+    source = dataset if "image" in cached else _TextsOnly(dataset)
+    # An own generator keeps the loader from drawing a seed from the global RNG: a run that
+    # fills the cache and one that reads it then train with the same dropout stream.
     loader = DataLoader(
-        dataset, batch_size=batch_size, collate_fn=make_collate(dataset.tasks, image_shape)
+        source,
+        batch_size=batch_size,
+        collate_fn=make_collate(dataset.tasks, image_shape),
+        generator=torch.Generator(),
     )
     chunks: dict[str, list[Tensor]] = {}
     mask_chunks: dict[str, list[Tensor]] = {}
     try:
         for batch in loader:
-            tokens, masks = model.forward_features(**feature_inputs(model, batch.to(device)))
+            inputs = feature_inputs(model, batch.to(device), cached)
+            tokens, masks = model.forward_features(**inputs)
             stats.encoded_batches += 1
             for modality in tokens:
                 chunks.setdefault(modality, []).append(tokens[modality].to("cpu", dtype))
@@ -295,15 +367,33 @@ def encode_dataset(
     tensors.update({f"{m}.mask": k for m, k in masks_out.items()})
     save_weights(path, tensors, metadata={"manifest": str(dataset.path), "key": key})
     _LOG.info("cached features of %s in %s", dataset.path, path)
-    return CachedFeatures(dataset, tokens_out, masks_out)
+    return CachedFeatures(dataset, tokens_out, masks_out, live)
 
 
-def feature_inputs(model: Any, batch: Any) -> dict[str, Any]:
+class _TextsOnly(Dataset):
+    """A manifest data set's samples without their images (nothing is decoded)."""
+
+    def __init__(self, dataset: ManifestDataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        record = self.dataset.records[index]
+        return {"id": record.id, "image": None, "text": record.text,
+                "targets": dict(record.targets)}
+
+
+def feature_inputs(
+    model: Any, batch: Any, modalities: Sequence[str] | None = None
+) -> dict[str, Any]:
     """``forward_features`` arguments for a data batch, for the modalities the model uses.
 
     Args:
         model: A :class:`~fusionkit.models.CMACLIP`.
         batch: A :class:`~fusionkit.data.Batch`.
+        modalities: Restrict the arguments to these modalities (default: the model's).
 
     Returns:
         ``images``/``present`` and/or ``texts`` keyword arguments.
@@ -311,10 +401,45 @@ def feature_inputs(model: Any, batch: Any) -> dict[str, Any]:
     Example:
         >>> tokens, masks = model.forward_features(**feature_inputs(model, batch))  # doctest: +SKIP
     """
+    wanted = model.modalities if modalities is None else modalities
     inputs: dict[str, Any] = {}
-    if "image" in model.modalities:
+    if "image" in model.modalities and "image" in wanted:
         inputs["images"] = batch.images
         inputs["present"] = {"image": batch.image_present}
-    if "text" in model.modalities:
+    if "text" in model.modalities and "text" in wanted:
         inputs["texts"] = batch.texts
     return inputs
+
+
+def batch_tokens(
+    model: Any, batch: Any, device: torch.device | str
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Tokens and masks of every modality for a data batch or a cached-feature batch.
+
+    Encoders run for a :class:`~fusionkit.data.Batch` and for the live modalities of a
+    :class:`FeatureBatch`; cached modalities are moved to ``device``.
+
+    Args:
+        model: A :class:`~fusionkit.models.CMACLIP`.
+        batch: A :class:`~fusionkit.data.Batch` or a :class:`FeatureBatch`.
+        device: Where the model lives.
+
+    Returns:
+        ``(tokens, masks)`` as from :meth:`~fusionkit.models.CMACLIP.forward_features`.
+
+    Example:
+        >>> output = model.forward_head(*batch_tokens(model, batch, "cpu"))  # doctest: +SKIP
+    """
+    if not isinstance(batch, FeatureBatch):
+        return model.forward_features(**feature_inputs(model, batch.to(device)))
+    tokens = {m: t.to(device, non_blocking=True) for m, t in batch.tokens.items()}
+    masks = {m: k.to(device, non_blocking=True) for m, k in batch.masks.items()}
+    if batch.live:
+        assert batch.inputs is not None
+        inputs = feature_inputs(model, batch.inputs.to(device), batch.live)
+        live_tokens, live_masks = model.forward_features(**inputs)
+        tokens.update(live_tokens)
+        masks.update(live_masks)
+    # The model's modality order, whatever came from where.
+    order = [m for m in model.modalities if m in tokens]
+    return {m: tokens[m] for m in order}, {m: masks[m] for m in order}

@@ -98,9 +98,12 @@ class TrainConfig:
         seed: Seed of model init, shuffling, dropout and augmentation.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         class_weight: ``balanced`` weights every task's loss by inverse class frequency.
-        augment: Random crop and flip on training images (only without the feature cache).
-        cache_features: ``auto``: cache encoder tokens when every used encoder is frozen;
-            ``true`` requires it; ``false`` never caches.
+        augment: Random crop and flip on training images (not when image features are cached).
+        modality_dropout: Probability that a training sample has one of its modalities hidden
+            (see :func:`~fusionkit.training.augment.drop_modalities`); 0 disables it.
+        cache_features: ``auto``: cache the tokens of every frozen encoder (trainable
+            encoders run live on each batch); ``true`` requires at least one frozen encoder;
+            ``false`` never caches.
         cache_dir: Folder of the feature cache (default ``~/.cache/fusionkit/features``).
         cache_dtype: Storage dtype of cached tokens.
         save_every_steps: Also checkpoint ``last/`` every N optimizer steps (0 = epoch ends).
@@ -124,6 +127,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     class_weight: Literal["none", "balanced"] = "none"
     augment: bool = True
+    modality_dropout: float = 0.0
     cache_features: bool | Literal["auto"] = "auto"
     cache_dir: str | None = None
     cache_dtype: Literal["float16", "float32"] = "float16"
@@ -135,7 +139,7 @@ class TrainConfig:
         for name in ("lr", "lr_backbone", "weight_decay", "grad_clip", "save_every_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
-        for name in ("warmup_ratio", "min_lr_ratio"):
+        for name in ("warmup_ratio", "min_lr_ratio", "modality_dropout"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name}: expected a number in [0, 1]")
 

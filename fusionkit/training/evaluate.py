@@ -23,7 +23,7 @@ from fusionkit.errors import ConfigError, DataError
 from fusionkit.io import write_json
 from fusionkit.tasks import TaskSpec
 from fusionkit.training import metrics
-from fusionkit.training.cache import FeatureBatch, feature_inputs
+from fusionkit.training.cache import batch_tokens
 
 __all__ = [
     "EvalOutputs",
@@ -41,7 +41,8 @@ def forward_batch(model: Any, batch: Any, device: torch.device | str) -> Any:
     Args:
         model: A :class:`~fusionkit.models.CMACLIP`.
         batch: A :class:`~fusionkit.data.Batch` (encoders run) or a
-            :class:`~fusionkit.training.cache.FeatureBatch` (only ``forward_head`` runs).
+            :class:`~fusionkit.training.cache.FeatureBatch` (only the live encoders and
+            ``forward_head`` run).
         device: Where the model lives.
 
     Returns:
@@ -50,11 +51,7 @@ def forward_batch(model: Any, batch: Any, device: torch.device | str) -> Any:
     Example:
         >>> output = forward_batch(model, batch, "cpu")  # doctest: +SKIP
     """
-    if isinstance(batch, FeatureBatch):
-        tokens = {m: t.to(device, non_blocking=True) for m, t in batch.tokens.items()}
-        masks = {m: k.to(device, non_blocking=True) for m, k in batch.masks.items()}
-        return model.forward_head(tokens, masks)
-    return model(**feature_inputs(model, batch.to(device)))
+    return model.forward_head(*batch_tokens(model, batch, device))
 
 
 @dataclass

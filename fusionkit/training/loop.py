@@ -43,13 +43,13 @@ from torch.utils.data import DataLoader
 
 from fusionkit.errors import ConfigError, DataError, FusionkitError
 from fusionkit.io import atomic_write_text, read_yaml, write_json, write_yaml
+from fusionkit.training.augment import drop_modalities
 from fusionkit.training.cache import (
     CacheStats,
-    FeatureBatch,
     FeatureCollator,
+    batch_tokens,
     default_cache_dir,
     encode_dataset,
-    feature_inputs,
 )
 from fusionkit.training.checkpoint import (
     find_checkpoint,
@@ -371,23 +371,24 @@ class _CompileFallback:
 class _TrainingForward(nn.Module):
     """The training forward as a module, so that DDP can hook it.
 
-    Runs the encoders (or takes cached features) and then the fusion stack, compiled with
-    ``train.compile``. The model's own ``forward`` stays eager and its state dict unchanged.
+    Runs the encoders (or takes cached features of frozen ones) and then the fusion stack,
+    compiled with ``train.compile``. The model's own ``forward`` stays eager and its state
+    dict unchanged.
     """
 
-    def __init__(self, model: nn.Module, device: torch.device, compile: bool) -> None:
+    def __init__(
+        self, model: nn.Module, device: torch.device, compile: bool, modality_dropout: float
+    ) -> None:
         super().__init__()
         self.model = model
         self.device = device
+        self.modality_dropout = modality_dropout
         self.fuse = _CompileFallback(model.forward_head) if compile else model.forward_head
 
     def forward(self, batch: Any) -> Any:
-        if isinstance(batch, FeatureBatch):
-            tokens = {m: t.to(self.device, non_blocking=True) for m, t in batch.tokens.items()}
-            masks = {m: k.to(self.device, non_blocking=True) for m, k in batch.masks.items()}
-        else:
-            inputs = feature_inputs(self.model, batch.to(self.device))
-            tokens, masks = self.model.forward_features(**inputs)
+        tokens, masks = batch_tokens(self.model, batch, self.device)
+        if self.modality_dropout:
+            masks = drop_modalities(masks, self.modality_dropout)
         return self.fuse(tokens, masks)
 
 
@@ -464,9 +465,12 @@ class Trainer:
             _seed_everything(self.train_config.seed + self.ctx.rank)
         return model
 
+    def _frozen_modalities(self, model: Any) -> list[str]:
+        encoders = {m: model.vision if m == "image" else model.text for m in model.modalities}
+        return [m for m, encoder in encoders.items() if getattr(encoder, "frozen", False)]
+
     def _all_frozen(self, model: Any) -> bool:
-        encoders = [model.vision if m == "image" else model.text for m in model.modalities]
-        return all(getattr(encoder, "frozen", False) for encoder in encoders)
+        return len(self._frozen_modalities(model)) == len(model.modalities)
 
     def _sources(self, model: Any) -> tuple[Any, Any, Any]:
         """Training and validation sources and their collate function."""
@@ -478,22 +482,23 @@ class Trainer:
         )
 
         cfg = self.train_config
-        frozen = self._all_frozen(model)
+        frozen = self._frozen_modalities(model)
         if cfg.cache_features is True and not frozen:
             raise ConfigError(
-                "train.cache_features: true needs every used encoder frozen (freeze: true)"
+                "train.cache_features: true needs at least one used encoder frozen (freeze: true)"
             )
-        use_cache = frozen and cfg.cache_features is not False
+        cached = frozen if cfg.cache_features is not False else []
+        live = [m for m in model.modalities if m not in cached]
         image_config = image_shape = None
         eval_transform = train_transform = None
         if model.vision is not None:
             image_config = image_data_config(model, self.data.image_size)
             image_shape = tuple(image_config["input_size"])
             eval_transform = build_image_transform(image_config, train=False)
-            augment = cfg.augment and not use_cache
+            augment = cfg.augment and "image" not in cached
             train_transform = build_image_transform(image_config, train=augment)
-            if use_cache and cfg.augment:
-                _LOG.info("feature cache on: training images are not augmented")
+            if "image" in cached and cfg.augment:
+                _LOG.info("image features cached: training images are not augmented")
         tasks = model.tasks
         train_set = ManifestDataset(
             self.data.train, tasks, train_transform, on_error=self.data.on_error
@@ -503,15 +508,18 @@ class Trainer:
             if len(dataset) == 0:
                 raise DataError(f"data.{name}: {dataset.path} has no usable sample")
         self._train_set = train_set
-        if not use_cache:
+        if not cached:
             return train_set, val_set, make_collate(tasks, image_shape)
+        if live:
+            _LOG.info("feature cache: %s cached, %s encoded live", ", ".join(cached),
+                      ", ".join(live))
         self.cache_stats = CacheStats()
-        key = transform_key(image_config, train=False) if image_config is not None else "text-only"
+        key = transform_key(image_config, train=False) if "image" in cached else "text-only"
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
         dtype = getattr(torch, cfg.cache_dtype)
         # Local rank 0 encodes and stores; the node's other ranks then load the stored file.
         with local_main_first(self.ctx):
-            cached = [
+            features = [
                 encode_dataset(
                     model,
                     dataset,
@@ -522,10 +530,11 @@ class Trainer:
                     device=self.device,
                     dtype=dtype,
                     stats=self.cache_stats,
+                    modalities=cached,
                 )
                 for dataset in (train_set, val_set)
             ]
-        return cached[0], cached[1], FeatureCollator(tasks)
+        return features[0], features[1], FeatureCollator(tasks, live, image_shape)
 
     def _class_weights(self, model: Any) -> None:
         if self.train_config.class_weight != "balanced":
@@ -570,7 +579,8 @@ class Trainer:
 
     def _training_module(self, model: Any, source: Any, collate: Any) -> nn.Module:
         """The (DDP-wrapped) training forward; parameters that never get a gradient frozen."""
-        module = _TrainingForward(model, self.device, self.train_config.compile)
+        cfg = self.train_config
+        module = _TrainingForward(model, self.device, cfg.compile, cfg.modality_dropout)
         if not self.ctx.distributed:
             return module
         size = min(len(source), max(2, math.ceil(self.data.batch_size / self.ctx.world_size)))
