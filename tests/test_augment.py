@@ -1,11 +1,11 @@
-"""Modality dropout: which samples lose which modality, and what the model then sees."""
+"""Modality dropout and swap: which samples lose or swap which modality."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from fusionkit.training.augment import drop_modalities
+from fusionkit.training.augment import drop_modalities, swap_modalities
 
 
 def _masks(batch=2000, image=3, text=5):
@@ -74,3 +74,62 @@ def test_seeded_generator_is_deterministic():
 def test_bad_arguments_raise(masks, p, match):
     with pytest.raises(ValueError, match=match):
         drop_modalities(masks, p)
+
+
+def _tokens(batch=1000):
+    # Sample i's text tokens are all i, its image tokens all -i: a swap is easy to trace.
+    index = torch.arange(batch, dtype=torch.float32)
+    tokens = {"text": index.view(-1, 1, 1).expand(batch, 4, 2).clone(),
+              "image": (-index).view(-1, 1, 1).expand(batch, 3, 2).clone()}
+    masks = {"text": torch.ones(batch, 4, dtype=torch.bool),
+             "image": torch.ones(batch, 3, dtype=torch.bool)}
+    masks["text"][:, 3] = index % 2 == 0  # even samples have a longer text
+    return tokens, masks
+
+
+def test_swap_gives_chosen_samples_another_samples_modality():
+    tokens, masks = _tokens()
+    out_tokens, out_masks = swap_modalities(tokens, masks, 0.25, "text",
+                                            torch.Generator().manual_seed(0))
+    source = out_tokens["text"][:, 0, 0].long()
+    swapped = source != torch.arange(1000)
+    # 1000 Bernoulli(0.25) draws: within 4 standard deviations (0.055) of 0.25.
+    assert abs(swapped.float().mean().item() - 0.25) < 0.055
+    # Tokens and mask travel together, from the source sample; the image is untouched.
+    assert torch.equal(out_tokens["text"], tokens["text"][source])
+    assert torch.equal(out_masks["text"], masks["text"][source])
+    assert torch.equal(out_tokens["image"], tokens["image"])
+    assert torch.equal(out_masks["image"], masks["image"])
+    assert tokens["text"][:, 0, 0].long().tolist() == list(range(1000))
+
+
+def test_swap_at_probability_one_never_keeps_the_own_modality():
+    tokens, masks = _tokens(batch=50)
+    out, _ = swap_modalities(tokens, masks, 1.0, "image", torch.Generator().manual_seed(3))
+    assert (out["image"][:, 0, 0] != tokens["image"][:, 0, 0]).all()
+
+
+def test_swap_identities():
+    tokens, masks = _tokens(batch=6)
+    for p, batch in ((0.0, 6), (1.0, 1)):
+        t = {m: v[:batch] for m, v in tokens.items()}
+        k = {m: v[:batch] for m, v in masks.items()}
+        out_tokens, out_masks = swap_modalities(t, k, p, "text")
+        assert all(torch.equal(out_tokens[m], t[m]) and torch.equal(out_masks[m], k[m])
+                   for m in t)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda t, m: (t, m, 2.0, "text"), "probability"),
+        (lambda t, m: (t, m, 0.5, "audio"), "'audio' is not among"),
+        (lambda t, m: ({"text": t["text"]}, m, 0.5, "text"), "different modalities"),
+        (lambda t, m: ({**t, "text": t["text"][:, :2]}, m, 0.5, "text"), "matching"),
+        (lambda t, m: (t, {**m, "text": m["text"].float()}, 0.5, "text"), "bool"),
+    ],
+)
+def test_swap_bad_arguments_raise(change, match):
+    tokens, masks = _tokens(batch=4)
+    with pytest.raises(ValueError, match=match):
+        swap_modalities(*change(tokens, masks))

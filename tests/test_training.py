@@ -236,8 +236,12 @@ def test_train_config_errors_name_the_key():
     with pytest.raises(ConfigError, match=r"data\.val"):
         Trainer(build_run_config({"tasks": {"a": {"num_classes": 2}},
                                   "data": {"train": "x.csv"}}), "out")
-    with pytest.raises(ConfigError, match=r"train\.modality_dropout: expected a number in \[0, 1\]"):
+    with pytest.raises(ConfigError, match=r"train\.modality_dropout: expected a number in"):
         parse_section(TrainConfig, {"modality_dropout": 1.5}, "train")
+    with pytest.raises(ConfigError, match=r"train\.modality_swap: expected a number in"):
+        parse_section(TrainConfig, {"modality_swap": -0.5}, "train")
+    with pytest.raises(ConfigError, match=r"train\.swap_modality"):
+        parse_section(TrainConfig, {"swap_modality": "audio"}, "train")
 
 
 def test_modality_dropout_hides_one_modality_in_training_only(catalogue, tiny_bert_dir, tmp_path,
@@ -258,3 +262,22 @@ def test_modality_dropout_hides_one_modality_in_training_only(catalogue, tiny_be
     assert len(trained) == 40 and (trained.sum(dim=1) == 1).all()
     assert 0 < trained[:, 0].sum() < 40
     assert torch.cat(seen["eval"]).all()
+
+
+def test_modality_swap_runs_on_every_training_batch(catalogue, tiny_bert_dir, tmp_path,
+                                                    monkeypatch):
+    import fusionkit.training.loop as loop
+
+    calls = []
+    original = loop.swap_modalities
+
+    def recording(tokens, masks, p, modality, generator=None):
+        calls.append((p, modality, tokens[modality].shape[0]))
+        return original(tokens, masks, p, modality, generator)
+
+    monkeypatch.setattr(loop, "swap_modalities", recording)
+    config = tiny_config(catalogue, tiny_bert_dir, tmp_path, epochs=1, modality_swap=0.5,
+                         swap_modality="image")
+    fit(config, tmp_path / "run")
+    # 40 training samples in batches of 8; validation batches are never swapped.
+    assert calls == [(0.5, "image", 8)] * 5

@@ -101,6 +101,11 @@ class TrainConfig:
         augment: Random crop and flip on training images (not when image features are cached).
         modality_dropout: Probability that a training sample has one of its modalities hidden
             (see :func:`~fusionkit.training.augment.drop_modalities`); 0 disables it.
+        modality_swap: Probability that a training sample gets the ``swap_modality`` of
+            another sample of its batch, its labels kept (see
+            :func:`~fusionkit.training.augment.swap_modalities`): training with misleading
+            inputs; 0 disables it.
+        swap_modality: The modality ``modality_swap`` replaces: ``text`` or ``image``.
         cache_features: ``auto``: cache the tokens of every frozen encoder (trainable
             encoders run live on each batch); ``true`` requires at least one frozen encoder;
             ``false`` never caches.
@@ -128,6 +133,8 @@ class TrainConfig:
     class_weight: Literal["none", "balanced"] = "none"
     augment: bool = True
     modality_dropout: float = 0.0
+    modality_swap: float = 0.0
+    swap_modality: Literal["text", "image"] = "text"
     cache_features: bool | Literal["auto"] = "auto"
     cache_dir: str | None = None
     cache_dtype: Literal["float16", "float32"] = "float16"
@@ -139,7 +146,7 @@ class TrainConfig:
         for name in ("lr", "lr_backbone", "weight_decay", "grad_clip", "save_every_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
-        for name in ("warmup_ratio", "min_lr_ratio", "modality_dropout"):
+        for name in ("warmup_ratio", "min_lr_ratio", "modality_dropout", "modality_swap"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"train.{name}: expected a number in [0, 1]")
 

@@ -43,7 +43,7 @@ from torch.utils.data import DataLoader
 
 from fusionkit.errors import ConfigError, DataError, FusionkitError
 from fusionkit.io import atomic_write_text, read_yaml, write_json, write_yaml
-from fusionkit.training.augment import drop_modalities
+from fusionkit.training.augment import drop_modalities, swap_modalities
 from fusionkit.training.cache import (
     CacheStats,
     FeatureCollator,
@@ -376,17 +376,21 @@ class _TrainingForward(nn.Module):
     dict unchanged.
     """
 
-    def __init__(
-        self, model: nn.Module, device: torch.device, compile: bool, modality_dropout: float
-    ) -> None:
+    def __init__(self, model: nn.Module, device: torch.device, config: TrainConfig) -> None:
         super().__init__()
         self.model = model
         self.device = device
-        self.modality_dropout = modality_dropout
-        self.fuse = _CompileFallback(model.forward_head) if compile else model.forward_head
+        self.modality_dropout = config.modality_dropout
+        self.modality_swap = config.modality_swap
+        self.swap_modality = config.swap_modality
+        self.fuse = (
+            _CompileFallback(model.forward_head) if config.compile else model.forward_head
+        )
 
     def forward(self, batch: Any) -> Any:
         tokens, masks = batch_tokens(self.model, batch, self.device)
+        if self.modality_swap and self.swap_modality in tokens:
+            tokens, masks = swap_modalities(tokens, masks, self.modality_swap, self.swap_modality)
         if self.modality_dropout:
             masks = drop_modalities(masks, self.modality_dropout)
         return self.fuse(tokens, masks)
@@ -579,8 +583,7 @@ class Trainer:
 
     def _training_module(self, model: Any, source: Any, collate: Any) -> nn.Module:
         """The (DDP-wrapped) training forward; parameters that never get a gradient frozen."""
-        cfg = self.train_config
-        module = _TrainingForward(model, self.device, cfg.compile, cfg.modality_dropout)
+        module = _TrainingForward(model, self.device, self.train_config)
         if not self.ctx.distributed:
             return module
         size = min(len(source), max(2, math.ceil(self.data.batch_size / self.ctx.world_size)))
