@@ -200,3 +200,34 @@ def test_targets_pass_and_miss_with_margins() -> None:
     assert by_target["dense: fusionkit FLOP rate / ceiling"].passed is True
     assert by_target["varlen: fusionkit-packed / best padded peer (torch) time"].passed is True
     assert by_target["memory at L=4096: sdpa / math peak"].passed is True
+
+
+def _emoji_report(seed: int, group: float) -> dict:
+    task = {"accuracy": group, "macro_f1": group - 0.01,
+            "recall_at_precision": {"0.9": group - 0.1},
+            "modality_weights": {"text": 0.6, "image": 0.4}}
+    return {"seed": seed, "train_seconds": 10.0,
+            "tasks": {"group": task, "subgroup": {**task, "accuracy": group / 2}}}
+
+
+def test_emoji_accuracy_summary_is_the_mean_over_seeds(tmp_path, monkeypatch):
+    from benchmarks import accuracy_emoji
+
+    summary = accuracy_emoji.summarise([_emoji_report(s, g) for s, g in
+                                        ((0, 0.90), (1, 0.94), (2, 0.92))])
+    assert summary["tasks"]["group"]["accuracy"] == pytest.approx(0.92)
+    assert summary["group_accuracy_sd"] == pytest.approx(0.02)
+    assert summary["tasks"]["subgroup"]["accuracy"] == pytest.approx(0.46)
+    assert summary["seeds"] == [0, 1, 2] and summary["train_seconds"] == 30.0
+    assert accuracy_emoji.summarise([_emoji_report(0, 0.9)])["group_accuracy_sd"] == 0.0
+
+    monkeypatch.setattr(accuracy_emoji, "OUT", tmp_path / "emoji.md")
+    monkeypatch.setattr(accuracy_emoji, "CHART", tmp_path / "emoji.png")
+    models = {"cma_clip": 0.96, "image_only": 0.7, "text_only": 0.93, "concat": 0.94}
+    results = {"flag": {name: accuracy_emoji.summarise([_emoji_report(0, value)])
+                        for name, value in models.items()}}
+    accuracy_emoji.write_report(results, {"train": 10, "val": 3, "test": 3})
+    text = (tmp_path / "emoji.md").read_text()
+    assert "| cma_clip | 1 | 0.960 ± 0.000 | 0.960 |" in text
+    assert "the full model beats both; the target of 0.95 is reached" in text
+    assert (tmp_path / "emoji.png").stat().st_size > 0

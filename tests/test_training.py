@@ -70,21 +70,22 @@ def test_train_two_epochs_writes_metrics_and_loadable_checkpoints(catalogue, tin
     assert sum(out[0]["category"]["modality_weights"].values()) == pytest.approx(1.0)
 
 
-def _count_encoder_calls(monkeypatch):
+def _count_calls(monkeypatch, owner, method="forward_features"):
+    """Count the calls of ``owner.method`` (default: the encoders of ``CMACLIP``)."""
     calls = {"n": 0}
-    original = CMACLIP.forward_features
+    original = getattr(owner, method)
 
     def counting(self, *args, **kwargs):
         calls["n"] += 1
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(CMACLIP, "forward_features", counting)
+    monkeypatch.setattr(owner, method, counting)
     return calls
 
 
 def test_feature_cache_encodes_once_and_matches_uncached(catalogue, tiny_bert_dir, tmp_path,
                                                           monkeypatch):
-    calls = _count_encoder_calls(monkeypatch)
+    calls = _count_calls(monkeypatch, CMACLIP)
     config = tiny_config(catalogue, tiny_bert_dir, tmp_path, epochs=3, augment=False,
                          cache_dtype="float32")
     cached = fit(config, tmp_path / "cached")
@@ -134,14 +135,7 @@ def test_partial_feature_cache_keeps_frozen_image_and_trains_text_live(catalogue
                                                                         tmp_path, monkeypatch):
     from fusionkit.encoders.vision import TimmVisionEncoder
 
-    image_calls = {"n": 0}
-    original = TimmVisionEncoder.forward
-
-    def counting(self, *args, **kwargs):
-        image_calls["n"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(TimmVisionEncoder, "forward", counting)
+    image_calls = _count_calls(monkeypatch, TimmVisionEncoder, "forward")
     config = tiny_config(catalogue, tiny_bert_dir, tmp_path, epochs=3, augment=False,
                          cache_dtype="float32", lr_backbone=1e-3)
     config["text"]["freeze"] = False
