@@ -22,6 +22,7 @@ from fusionkit.data.manifest import (
     Sample,
     infer_tasks,
     open_image,
+    write_manifest,
 )
 from fusionkit.data.synthetic import (
     CATALOGUE_TASKS,
@@ -48,4 +49,5 @@ __all__ = [
     "make_collate",
     "open_image",
     "transform_key",
+    "write_manifest",
 ]

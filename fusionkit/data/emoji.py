@@ -36,6 +36,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont, features
 from tqdm.auto import tqdm
 
+from fusionkit.data.manifest import write_manifest
 from fusionkit.errors import ConfigError, DataError
 
 __all__ = [
@@ -354,13 +355,9 @@ def build_emoji_dataset(
                 text = _describe(record, annotations, drop_flag_prefix)
                 rows.append([record.id, relative, text, record.group, record.subgroup])
                 bar.update(1)
-            path = out / f"{split}.csv"
-            with path.open("w", newline="", encoding="utf-8") as handle:
-                # "\n" everywhere keeps the bytes identical across platforms.
-                writer = csv.writer(handle, lineterminator="\n")
-                writer.writerow(["id", "image", "text", *EMOJI_TASKS])
-                writer.writerows(rows)
-            manifests[split] = path
+            manifests[split] = write_manifest(
+                out / f"{split}.csv", ["id", "image", "text", *EMOJI_TASKS], rows
+            )
     return manifests
 
 

@@ -36,6 +36,7 @@ from typing import Any
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fusionkit.data.manifest import write_manifest
 from fusionkit.errors import ConfigError, DataError, MissingDependencyError
 
 __all__ = ["FASHIONGEN_TASKS", "FOOD101_TASKS", "convert_fashiongen", "convert_food101"]
@@ -81,23 +82,14 @@ def _write_splits(
 ) -> dict[str, Path]:
     """Write train (minus the held-out rows), val (the held-out rows) and test manifests."""
     return {
-        "train": _write_manifest(
+        "train": write_manifest(
             out / "train.csv", columns, [r for i, r in enumerate(train_rows) if i not in held]
         ),
-        "val": _write_manifest(
+        "val": write_manifest(
             out / "val.csv", columns, [r for i, r in enumerate(train_rows) if i in held]
         ),
-        "test": _write_manifest(out / "test.csv", columns, test_rows),
+        "test": write_manifest(out / "test.csv", columns, test_rows),
     }
-
-
-def _write_manifest(path: Path, columns: Sequence[str], rows: Sequence[Sequence[str]]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(columns)
-        writer.writerows(rows)
-    return path
 
 
 # --------------------------------------------------------------------------------------------

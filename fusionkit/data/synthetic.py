@@ -21,7 +21,6 @@ smaller one corrupts.
 
 from __future__ import annotations
 
-import csv
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
@@ -33,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm.auto import tqdm
 
+from fusionkit.data.manifest import write_manifest
 from fusionkit.errors import ConfigError
 from fusionkit.tasks import TaskSpec
 
@@ -572,10 +572,4 @@ def _write_split(
         rows.append([f"{split}-{index:05d}", relative, title, *cells])
         bar.update(1)
 
-    path = out / f"{split}.csv"
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        # "\n" on every platform keeps the bytes identical; titles never hold line breaks.
-        writer = csv.writer(handle, lineterminator="\n")
-        writer.writerow(["id", "image", "text", *CATALOGUE_TASKS])
-        writer.writerows(rows)
-    return path
+    return write_manifest(out / f"{split}.csv", ["id", "image", "text", *CATALOGUE_TASKS], rows)
