@@ -38,9 +38,12 @@ def outputs_close(a, b, masks):
             assert_close(a.tokens[name][keep], b.tokens[name][keep])
 
 
-@pytest.mark.parametrize("name", SEQUENCE_FUSIONS)
-def test_packed_equals_padded(name):
-    fusion = build(name)
+SUMMARY_OPTIONS = [("transformer", {"summary": "mean"})]
+
+
+@pytest.mark.parametrize(("name", "options"), [(n, {}) for n in SEQUENCE_FUSIONS] + SUMMARY_OPTIONS)
+def test_packed_equals_padded(name, options):
+    fusion = build(name, **options)
     tokens, masks = inputs()
     fusion.packing = False
     padded = fusion(tokens, masks, return_tokens=True)
@@ -63,10 +66,10 @@ def test_backends_agree(name, backend):
     )
 
 
-@pytest.mark.parametrize("name", SEQUENCE_FUSIONS)
+@pytest.mark.parametrize(("name", "options"), [(n, {}) for n in SEQUENCE_FUSIONS] + SUMMARY_OPTIONS)
 @pytest.mark.parametrize("packing", [False, True])
-def test_appending_padding_never_changes_outputs(name, packing):
-    fusion = build(name, packing=packing)
+def test_appending_padding_never_changes_outputs(name, options, packing):
+    fusion = build(name, packing=packing, **options)
     tokens, masks = inputs()
     base = fusion(tokens, masks, return_tokens=True)
     longer = {
@@ -134,6 +137,26 @@ def test_first_token_summary():
     bad = {"text": torch.tensor([[False, True, True]] * 4)}
     with pytest.raises(ValueError, match="first text token"):
         fusion({"text": torch.randn(4, 3, 12), "image": tokens["image"]}, bad)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_mean_summary_starts_from_the_modality_mean(packing):
+    fusion = SequenceWiseAttention(DIMS, dim=16, heads=2, summary="mean", packing=packing).eval()
+    with torch.no_grad():
+        fusion.summary_tokens.normal_()
+    # Without layers the summaries are what enters the first layer (then the final norm).
+    fusion.layers = torch.nn.ModuleList()
+    tokens, masks = inputs((7, 3, 0, 5))
+    out = fusion(tokens, masks)
+    real = masks["text"][..., None].float()
+    text_mean = (tokens["text"] * real).sum(1) / real.sum(1).clamp(min=1)
+    for i, (name, mean) in enumerate([("text", text_mean), ("image", tokens["image"].mean(1))]):
+        start = fusion.input_proj[name](mean) + fusion.type_embed[i] + fusion.summary_tokens[i]
+        expected = fusion.norm(start).masked_fill(~out.present[name][:, None], 0.0)
+        assert_close(out.summaries[name], expected)
+    assert torch.all(out.summaries["text"][2] == 0)
+    with pytest.raises(ValueError, match="'learned', 'mean' or 'first'"):
+        SequenceWiseAttention(DIMS, dim=16, heads=2, summary="cls")
 
 
 def test_auto_packing_policy_and_cuda_selection(monkeypatch):

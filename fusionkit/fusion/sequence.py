@@ -61,8 +61,11 @@ class SequenceWiseAttention(nn.Module):
     """CMA-CLIP's sequence-wise attention: every token of every modality attends to all others.
 
     Each modality's tokens are projected to ``dim`` and tagged with a learned modality-type
-    embedding; a learned summary token is prepended per modality (``summary="learned"``) or
-    the modality's first token is used (``summary="first"``, e.g. a CLS token); ``layers``
+    embedding; a learned summary token is prepended per modality (``summary="learned"``), or
+    one that starts from the mean of the modality's own tokens plus a learned embedding
+    (``summary="mean"``: each summary enters the fusion already holding its modality, as the
+    CLS outputs of the paper's CLIP encoders do), or the modality's first token is used
+    (``summary="first"``, e.g. a CLS token); ``layers``
     pre-norm transformer layers then run over the concatenation, with padded tokens masked
     out as keys. The summaries of each modality leave the block.
 
@@ -77,7 +80,7 @@ class SequenceWiseAttention(nn.Module):
         attention_backend: ``"auto"``, ``"xformers"``, ``"sdpa"`` or ``"math"``.
         packing: ``"auto"``, ``True`` or ``False``: run on the real tokens only (see
             `should_pack`). Results are the same either way.
-        summary: ``"learned"`` or ``"first"``.
+        summary: ``"learned"``, ``"mean"`` or ``"first"``.
 
     Raises:
         ValueError: Bad sizes, ``heads`` not dividing ``dim``, or an unknown option.
@@ -99,13 +102,13 @@ class SequenceWiseAttention(nn.Module):
         dropout: float = 0.0,
         attention_backend: str = "auto",
         packing: Packing = "auto",
-        summary: Literal["learned", "first"] = "learned",
+        summary: Literal["learned", "mean", "first"] = "learned",
     ) -> None:
         super().__init__()
         self.input_dims = check_input_dims(input_dims)
         check_dims(dim, heads, layers)
-        if summary not in ("learned", "first"):
-            raise ValueError(f"summary must be 'learned' or 'first', got {summary!r}")
+        if summary not in ("learned", "mean", "first"):
+            raise ValueError(f"summary must be 'learned', 'mean' or 'first', got {summary!r}")
         if attention_backend not in ("auto", "xformers", "sdpa", "math"):
             raise ValueError(
                 "attention_backend must be one of 'auto', 'xformers', 'sdpa', 'math', "
@@ -118,7 +121,7 @@ class SequenceWiseAttention(nn.Module):
         self.input_proj = nn.ModuleDict({m: nn.Linear(c, dim) for m, c in self.input_dims.items()})
         self.type_embed = nn.Parameter(torch.zeros(len(self.modalities), dim))
         self.summary_tokens = (
-            nn.Parameter(torch.zeros(len(self.modalities), dim)) if summary == "learned" else None
+            nn.Parameter(torch.zeros(len(self.modalities), dim)) if summary != "first" else None
         )
         self.layers = nn.ModuleList(
             TransformerLayer(dim, heads, mlp_ratio, dropout) for _ in range(layers)
@@ -157,15 +160,26 @@ class SequenceWiseAttention(nn.Module):
     def _embed(self, index: int, name: str, x: Tensor) -> Tensor:
         return self.input_proj[name](x) + self.type_embed[index]
 
-    def _embed_padded(self, tokens: Mapping[str, Tensor]) -> Tensor:
+    def _summary(self, index: int, name: str, tokens: Tensor, mask: Tensor) -> Tensor:
+        """The ``(B, dim)`` summary token of one modality before the first layer."""
+        assert self.summary_tokens is not None
+        learned = self.summary_tokens[index]
+        if self.summary == "learned":
+            return learned.to(tokens.dtype).expand(tokens.shape[0], -1)
+        weights = mask.to(tokens.dtype)[..., None]
+        mean = (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
+        # A linear projection of the mean is the mean of the projected tokens.
+        return self._embed(index, name, mean) + learned.to(tokens.dtype)
+
+    def _embed_padded(self, tokens: Mapping[str, Tensor], masks: Mapping[str, Tensor]) -> Tensor:
         pieces = []
         for i, name in enumerate(self.modalities):
             if name not in tokens:
                 continue
             x = self._embed(i, name, tokens[name])
             if self.summary_tokens is not None:
-                summary = self.summary_tokens[i].to(x.dtype).expand(x.shape[0], 1, -1)
-                x = torch.cat([summary, x], dim=1)
+                summary = self._summary(i, name, tokens[name], masks[name]).to(x.dtype)
+                x = torch.cat([summary[:, None], x], dim=1)
             pieces.append(x)
         return torch.cat(pieces, dim=1)
 
@@ -191,8 +205,8 @@ class SequenceWiseAttention(nn.Module):
             if self.summary_tokens is not None:
                 here = present[name]
                 where.append(positions[:, start][here])
-                summary = self.summary_tokens[i].to(values[-1].dtype)
-                values.append(summary.expand(where[-1].shape[0], -1))
+                summary = self._summary(i, name, tokens[name][here], masks[name][here])
+                values.append(summary.to(values[-1].dtype))
         source = torch.cat(values)
         return source.new_zeros(total, self.dim).index_copy(0, torch.cat(where), source)
 
@@ -261,7 +275,7 @@ class SequenceWiseAttention(nn.Module):
                 out.summaries[name] = x[rows] if seqs.total else x.new_zeros(len(rows), self.dim)
             full = seqs.unpack(self.norm(x)) if return_tokens else None
         else:
-            x = self._run_padded(self._embed_padded(tokens), mask, backend, record)
+            x = self._run_padded(self._embed_padded(tokens, masks), mask, backend, record)
             out.summaries = {name: x[:, start] for name, (start, _) in spans.items()}
             full = self.norm(x) if return_tokens else None
         out.summaries = {
