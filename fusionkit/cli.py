@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--config", help="run config YAML (model + data + train sections)")
     train.add_argument("--train", help="training manifest (overrides data.train)")
-    train.add_argument("--val", help="validation manifest (overrides data.val)")
+    train.add_argument(
+        "--val",
+        help="validation manifest (overrides data.val); without one, no epoch is validated and "
+        "last/ holds the final weights",
+    )
     train.add_argument("--tasks", help="comma-separated task columns (default: all)")
     train.add_argument("--output", default="runs/default", help="run folder")
     train.add_argument("--epochs", type=int, help="overrides train.epochs")
@@ -147,10 +151,10 @@ def _train(args: argparse.Namespace) -> int:
     if env_rank() > 0:
         # Under torchrun only rank 0 reports; the other ranks log warnings and errors.
         logging.getLogger().setLevel(logging.WARNING)
-    if args.config is None and (args.train is None or args.val is None):
+    if args.config is None and args.train is None:
         from fusionkit.errors import ConfigError
 
-        raise ConfigError("give --config, or both --train and --val")
+        raise ConfigError("give --config, or --train (and --val)")
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     config = build_run_config(
         args.config,
@@ -165,9 +169,13 @@ def _train(args: argparse.Namespace) -> int:
     if env_rank() > 0:
         return 0
     last = result.history[-1] if result.history else {}
+    if "val_mean_accuracy" not in last:
+        print(f"trained {len(result.history)} epoch(s) without validation")
+        print(f"checkpoint: {result.last_dir} (final weights)")
+        return 0
     print(
         f"trained {len(result.history)} epoch(s); best mean val accuracy "
-        f"{result.best_score:.4f}; last {last.get('val_mean_accuracy', float('nan')):.4f}"
+        f"{result.best_score:.4f}; last {last['val_mean_accuracy']:.4f}"
     )
     print(f"checkpoints: {result.best_dir} (best), {result.last_dir} (last)")
     return 0

@@ -139,7 +139,7 @@ BAD_MANIFESTS: list[tuple[str, str, str | bytes, str, str]] = [
 
 #: (CLI arguments, text the single ``error:`` line must hold); ``{dir}`` is a scratch folder.
 BAD_CLI: list[tuple[list[str], str]] = [
-    (["train"], "give --config, or both --train and --val"),
+    (["train"], "give --config, or --train (and --val)"),
     (["train", "--config", "{dir}/typo.yaml"], "did you mean 'vision'"),
     (["train", "--config", "{dir}/absent.yaml"], "cannot read config"),
     (["train", "--config", "{dir}/payload.yaml"], "is not valid YAML"),

@@ -70,6 +70,26 @@ def test_train_two_epochs_writes_metrics_and_loadable_checkpoints(catalogue, tin
     assert sum(out[0]["category"]["modality_weights"].values()) == pytest.approx(1.0)
 
 
+@pytest.mark.parametrize("frozen", [True, False], ids=["cached", "live"])
+def test_train_without_validation_keeps_the_final_weights(catalogue, tiny_bert_dir, tmp_path,
+                                                          frozen):
+    from fusionkit.training import evaluate_checkpoint
+    from fusionkit.training.loop import resolve_run_dir
+
+    config = tiny_config(catalogue, tiny_bert_dir, tmp_path, frozen=frozen, epochs=2)
+    del config["data"]["val"]
+    run = tmp_path / "run"
+    result = fit(config, run)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert not any(key.startswith("val") for r in records for key in r)
+    assert result.best_score == float("-inf") and not (run / "best").exists()
+    assert resolve_run_dir(run) == run / "last"
+    report = evaluate_checkpoint(run)
+    assert report["num_samples"] == 12 and report["data"] == str(catalogue["test"])
+    assert Predictor.from_pretrained(run, device="cpu").predict(texts=["red shirt"])
+
+
 def _count_calls(monkeypatch, owner, method="forward_features"):
     """Count the calls of ``owner.method`` (default: the encoders of ``CMACLIP``)."""
     calls = {"n": 0}

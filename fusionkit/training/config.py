@@ -43,7 +43,8 @@ class DataConfig:
 
     Attributes:
         train: Training manifest (``.csv`` / ``.jsonl``).
-        val: Validation manifest, used for per-epoch metrics and the best checkpoint.
+        val: Validation manifest, used for per-epoch metrics and the best checkpoint; without
+            one the trainer validates nothing and keeps the final weights in ``last/``.
         test: Test manifest, used by ``fusionkit evaluate`` when no ``--data`` is given.
         tasks: Task columns to use (default: every label column, or the model's tasks).
         multi_label: Task columns to treat as multi-label even without a ``|`` cell.

@@ -8,7 +8,9 @@ Outputs in the run folder:
   it never holds half a line nor an epoch the ``last/`` checkpoint does not know about;
 - ``best/`` (highest mean validation accuracy over tasks) and ``last/``: checkpoints loadable
   with :meth:`~fusionkit.models.CMACLIP.from_pretrained`; ``last/`` also holds the optimizer,
-  scheduler and RNG states for ``resume``.
+  scheduler and RNG states for ``resume``. Without a validation set (``data.val`` not given: a
+  final fit on all labelled data for a schedule chosen before) no epoch is validated, no
+  ``best/`` is written and ``last/`` holds the final weights.
 
 Determinism: the order of epoch ``e`` is a permutation drawn from a generator seeded with
 ``(seed, e)``, so a resumed run (also from a mid-epoch ``save_every_steps`` checkpoint) replays
@@ -127,7 +129,10 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 
 def resolve_run_dir(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint folder from a checkpoint or run folder (a run folder gives its ``best/``).
+    """A checkpoint folder from a checkpoint or run folder.
+
+    A run folder gives its ``best/``, or its ``last/`` when it has no ``best/`` (a run trained
+    without a validation set).
 
     Args:
         path: ``run/best``, ``run/last`` or ``run``.
@@ -140,8 +145,11 @@ def resolve_run_dir(path: str | os.PathLike[str]) -> Path:
         PosixPath('runs/quickstart/best')
     """
     folder = Path(path)
-    if not (folder / "model.safetensors").is_file() and (folder / "best").is_dir():
-        return folder / "best"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    for name in ("best", "last"):
+        if (folder / name).is_dir():
+            return folder / name
     return folder
 
 
@@ -234,7 +242,7 @@ class TrainResult:
     Attributes:
         output_dir: The run folder.
         history: One metrics record per epoch.
-        best_score: Best mean validation accuracy.
+        best_score: Best mean validation accuracy (``-inf`` without a validation set).
         cache_stats: Feature cache counters (``None`` without the cache).
     """
 
@@ -245,7 +253,7 @@ class TrainResult:
 
     @property
     def best_dir(self) -> Path:
-        """The best checkpoint."""
+        """The best checkpoint (absent for a run without a validation set)."""
         return self.output_dir / "best"
 
     @property
@@ -422,8 +430,8 @@ class Trainer:
         progress: Show tqdm progress bars (rank 0 only).
 
     Raises:
-        ConfigError: Invalid ``data``/``train`` sections, a missing ``data.train``/``data.val``
-            or ``train.precision: fp16`` without CUDA.
+        ConfigError: Invalid ``data``/``train`` sections, a missing ``data.train`` or
+            ``train.precision: fp16`` without CUDA.
 
     Example:
         >>> result = Trainer(build_run_config("configs/quickstart.yaml"), "runs/q").fit()
@@ -444,9 +452,8 @@ class Trainer:
         self.progress = progress
         self.data = parse_section(DataConfig, config.sections.get("data"), "data")
         self.train_config = parse_section(TrainConfig, config.sections.get("train"), "train")
-        for split in ("train", "val"):
-            if getattr(self.data, split) is None:
-                raise ConfigError(f"data.{split}: missing; give a manifest (--{split})")
+        if self.data.train is None:
+            raise ConfigError("data.train: missing; give a manifest (--train)")
         self.device = resolve_device(self.train_config.device)
         self.autocast_dtype = resolve_precision(self.train_config.precision, self.device)
         self.ctx = DistContext(0, 1, 0, self.device)
@@ -477,7 +484,7 @@ class Trainer:
         return len(self._frozen_modalities(model)) == len(model.modalities)
 
     def _sources(self, model: Any) -> tuple[Any, Any, Any]:
-        """Training and validation sources and their collate function."""
+        """Training and validation sources (``None`` without ``data.val``) and their collate."""
         from fusionkit.data import (
             ManifestDataset,
             build_image_transform,
@@ -507,10 +514,17 @@ class Trainer:
         train_set = ManifestDataset(
             self.data.train, tasks, train_transform, on_error=self.data.on_error
         )
-        val_set = ManifestDataset(self.data.val, tasks, eval_transform, on_error=self.data.on_error)
-        for name, dataset in (("train", train_set), ("val", val_set)):
+        splits = {"train": train_set}
+        if self.data.val is not None:
+            splits["val"] = ManifestDataset(
+                self.data.val, tasks, eval_transform, on_error=self.data.on_error
+            )
+        else:
+            _LOG.info("no validation set: no epoch is validated and last/ holds the final weights")
+        for name, dataset in splits.items():
             if len(dataset) == 0:
                 raise DataError(f"data.{name}: {dataset.path} has no usable sample")
+        val_set = splits.get("val")
         self._train_set = train_set
         if not cached:
             return train_set, val_set, make_collate(tasks, image_shape)
@@ -536,9 +550,11 @@ class Trainer:
                     stats=self.cache_stats,
                     modalities=cached,
                 )
-                for dataset in (train_set, val_set)
+                for dataset in splits.values()
             ]
-        return features[0], features[1], FeatureCollator(tasks, live, image_shape)
+        return features[0], features[1] if val_set is not None else None, FeatureCollator(
+            tasks, live, image_shape
+        )
 
     def _class_weights(self, model: Any) -> None:
         if self.train_config.class_weight != "balanced":
@@ -849,22 +865,26 @@ class Trainer:
                     self._save_last(model, state, optimizer, scheduler, scaler)
             bar.close()
             seconds = state["epoch_seconds"] + time.perf_counter() - started
-            report = self._validate(model, val_source, collate)
-            score = report["mean"]["accuracy"] or 0.0
             record = {
                 "epoch": epoch + 1,
                 "step": state["step"],
                 "train_loss": state["epoch_loss_sum"] / steps_per_epoch,
-                "val_loss": report["loss"],
-                "val_accuracy": {t: r["accuracy"] for t, r in report["tasks"].items()},
-                "val_mean_accuracy": score,
-                "lr": scheduler.get_last_lr()[-1],
-                "epoch_seconds": round(seconds, 3),
             }
+            if val_source is not None:
+                report = self._validate(model, val_source, collate)
+                score = report["mean"]["accuracy"] or 0.0
+                record |= {
+                    "val_loss": report["loss"],
+                    "val_accuracy": {t: r["accuracy"] for t, r in report["tasks"].items()},
+                    "val_mean_accuracy": score,
+                }
+            record |= {"lr": scheduler.get_last_lr()[-1], "epoch_seconds": round(seconds, 3)}
             _LOG.info("epoch %d: %s", epoch + 1, record)
             state.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sum=0.0, epoch_seconds=0.0)
             state["history"].append(record)
-            if state["best_score"] is None or score > state["best_score"]:
+            if val_source is not None and (
+                state["best_score"] is None or score > state["best_score"]
+            ):
                 state["best_score"] = score
                 if ctx.is_main:
                     save_checkpoint(
