@@ -247,9 +247,9 @@ def test_train_config_errors_name_the_key():
         parse_section(TrainConfig, {"epoch": 3}, "train")
     with pytest.raises(ConfigError, match=r"train\.lr: expected float, got 'fast'"):
         parse_section(TrainConfig, {"lr": "fast"}, "train")
-    with pytest.raises(ConfigError, match=r"data\.val"):
+    with pytest.raises(ConfigError, match=r"data\.train: missing"):
         Trainer(build_run_config({"tasks": {"a": {"num_classes": 2}},
-                                  "data": {"train": "x.csv"}}), "out")
+                                  "data": {"val": "x.csv"}}), "out")
     with pytest.raises(ConfigError, match=r"train\.modality_dropout: expected a number in"):
         parse_section(TrainConfig, {"modality_dropout": 1.5}, "train")
     with pytest.raises(ConfigError, match=r"train\.modality_swap: expected a number in"):
