@@ -5,7 +5,8 @@ corrupted in one modality:
 
 - ``cma_clip`` and ``concat``: the seed-0 models of ``benchmarks/accuracy_emoji.py`` (texts with
   the ``flag:`` prefix), trained on clean data;
-- ``cma_clip+swap`` and ``concat+swap``: the same configs trained here with
+- ``cma_clip+swap`` and ``concat+swap``: the same configs fit here (on train + val, final
+  weights evaluated, as in the accuracy benchmark) with
   ``train.modality_swap: 0.2`` (20 % of training samples get another sample's text, labels
   kept), so the models have met misleading texts before the test.
 
@@ -41,6 +42,9 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 ROOT = Path("runs/emoji")
 DATA = ROOT / "data-flag"
 WORK = ROOT / "robustness"
+#: The evaluated checkpoint, as in ``accuracy_emoji.py``: the final weights of the fixed
+#: schedule fit on train + val.
+CHECKPOINT = "last"
 OUT = Path("docs/results/robustness_emoji.md")
 CHART = Path("docs/results/robustness_emoji.png")
 MODELS = ("cma_clip", "concat", "cma_clip+swap", "concat+swap")
@@ -115,7 +119,7 @@ def model_run(model: str) -> Path:
         model: A name of :data:`MODELS`.
 
     Returns:
-        The run folder (its ``best/`` checkpoint is evaluated).
+        The run folder (its :data:`CHECKPOINT` is evaluated).
     """
     from fusionkit.io import read_yaml
     from fusionkit.training import Trainer, build_run_config
@@ -124,14 +128,13 @@ def model_run(model: str) -> Path:
     if not swap:
         return ROOT / f"flag-{base}-s0"
     run = ROOT / f"flag-{base}-swap-s0"
-    if (run / "best").is_dir():
-        return run
     config = read_yaml(Path("configs/ablations") / f"{base}.yaml")
-    config["data"] = {**config["data"],
-                      **{split: str(DATA / f"{split}.csv") for split in ("train", "val", "test")}}
+    config["data"] = {**config["data"], "train": str(DATA / "trainval.csv"),
+                      **{split: str(DATA / f"{split}.csv") for split in ("val", "test")}}
     config["train"] = {**config["train"], "seed": 0, "modality_swap": SWAP,
                        "swap_modality": "text"}
-    Trainer(build_run_config(config), run, progress=False).fit()
+    # A finished run resumes at its last epoch and returns at once; an interrupted one continues.
+    Trainer(build_run_config(config), run, resume=True, progress=False).fit()
     return run
 
 
@@ -185,7 +188,7 @@ def main() -> None:
             manifest = corrupted_manifest(kind, rate)
             for model, run in runs.items():
                 results[model].setdefault(kind, {})[rate] = evaluate_checkpoint(
-                    run / "best", manifest, output=manifest.parent / f"report-{model}.json"
+                    run / CHECKPOINT, manifest, output=manifest.parent / f"report-{model}.json"
                 )
     lines = [
         "# Emoji: robustness to a corrupted modality",
