@@ -230,4 +230,9 @@ def test_emoji_accuracy_summary_is_the_mean_over_seeds(tmp_path, monkeypatch):
     text = (tmp_path / "emoji.md").read_text()
     assert "| cma_clip | 1 | 0.960 ± 0.000 | 0.960 |" in text
     assert "the full model beats both; the target of 0.95 is reached" in text
+    results["flag"]["concat"] = accuracy_emoji.summarise(
+        [_emoji_report(0, 0.95), _emoji_report(1, 0.97)])
+    accuracy_emoji.write_report(results, {"train": 10, "val": 3, "test": 3})
+    text = (tmp_path / "emoji.md").read_text()
+    assert "the full model beats text_only and ties concat; the target of 0.95 is reached" in text
     assert (tmp_path / "emoji.png").stat().st_size > 0
