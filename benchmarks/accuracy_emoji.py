@@ -125,7 +125,8 @@ def run_model(name: str, variant: str, paths: dict[str, Path], seed: int) -> dic
     start = time.perf_counter()
     Trainer(build_run_config(config), run, progress=False).fit()
     seconds = time.perf_counter() - start
-    report = evaluate_checkpoint(run / CHECKPOINT, paths["test"])
+    # report.json marks a finished run, so it is written once, whole, with the seed in it.
+    report = evaluate_checkpoint(run / CHECKPOINT, paths["test"], output=run / "test.json")
     report = {**report, "seed": seed, "train_seconds": round(seconds, 1)}
     done.write_text(json.dumps(report, indent=2))
     return report
