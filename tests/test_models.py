@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import yaml
@@ -213,6 +215,34 @@ def test_yaml_config_and_round_trip(tmp_path, tiny_bert_dir):
     assert ModelConfig.from_dict(parsed.to_dict()) == parsed
     assert isinstance(build_model(path), CMACLIP)
     assert isinstance(build_model(parsed), CMACLIP)
+
+
+SHIPPED_CONFIGS = sorted((Path(__file__).parent.parent / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED_CONFIGS, ids=lambda path: path.stem)
+def test_every_shipped_config_is_valid(path):
+    from fusionkit.training import build_run_config
+
+    raw = yaml.safe_load(path.read_text())
+    # The emoji configs infer their tasks from data that a fresh checkout lacks.
+    raw.setdefault("tasks", {"group": {"num_classes": 9}})
+    parsed = build_run_config(raw)
+    assert parsed.tasks and parsed.fusion.dim > 0
+
+
+def test_the_concat_baseline_and_sequence_concat_differ_only_as_described():
+    folder = Path(__file__).parent.parent / "configs" / "ablations"
+    full, concat, sequence_concat = (
+        yaml.safe_load((folder / f"{name}.yaml").read_text())
+        for name in ("cma_clip", "concat", "sequence_concat")
+    )
+    assert concat["fusion"] == {"dim": 256, "sequence": None, "modality": {"name": "concat"}}
+    assert sequence_concat["fusion"] == {**full["fusion"], "modality": {"name": "concat"}}
+    for other in (concat, sequence_concat):
+        assert {k: v for k, v in other.items() if k != "fusion"} == {
+            k: v for k, v in full.items() if k != "fusion"
+        }
 
 
 @pytest.mark.parametrize(
