@@ -9,7 +9,8 @@ the benchmarked models are then fit on train + val for that fixed schedule and t
 weights (``last/``) are evaluated. The validation split is inside their training data, so the
 validation numbers of their training logs only show fitting. Reported per model: group and
 subgroup accuracy, macro-F1, recall at 90 % precision and the mean modality weights, as means
-over training seeds. Writes
+over training seeds, and the full model compared sample by sample with text_only, concat and
+sequence_concat (McNemar's exact test over the same test emoji and seeds). Writes
 ``docs/results/emoji.md``, ``docs/results/emoji_accuracy.png`` and the raw reports to
 ``runs/emoji/results.json`` (the robustness benchmark and ``fusionkit explain`` reuse the
 seed-0 runs).
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import time
@@ -50,6 +52,7 @@ MODELS = (
     "image_only",
     "text_only",
     "concat",
+    "sequence_concat",
     "no_modality_attention",
     "no_sequence_attention",
 )
@@ -122,6 +125,8 @@ def run_model(name: str, variant: str, paths: dict[str, Path], seed: int) -> dic
     config["data"] = {**config["data"], "train": str(paths["trainval"]),
                       "val": str(paths["val"]), "test": str(paths["test"])}
     config["train"] = {**config["train"], "seed": seed}
+    # Predictions kept from an earlier training of this folder would not be this run's.
+    (run / "test_predictions.json").unlink(missing_ok=True)
     start = time.perf_counter()
     Trainer(build_run_config(config), run, progress=False).fit()
     seconds = time.perf_counter() - start
@@ -146,23 +151,11 @@ def late_fusion(variant: str, seed: int, test: Path) -> dict[str, float] | None:
     Returns:
         Task → accuracy, or None when either run is missing.
     """
-    import csv
-
-    from fusionkit.training import Predictor
-
-    runs = [run_dir(variant, name, seed) / CHECKPOINT for name in ("text_only", "image_only")]
-    if not all(run.is_dir() for run in runs):
+    runs = [run_dir(variant, name, seed) for name in ("text_only", "image_only")]
+    if not all((run / CHECKPOINT).is_dir() for run in runs):
         return None
-    with test.open(newline="", encoding="utf-8") as handle:
-        rows = list(csv.DictReader(handle))
-    outputs = []
-    for run in runs:
-        predictor = Predictor.from_pretrained(run, device="cpu")
-        outputs.append(predictor.predict(
-            images=[test.parent / row["image"] for row in rows] if "image" in
-            predictor.model.modalities else None,
-            texts=[row["text"] for row in rows] if "text" in predictor.model.modalities else None,
-        ))
+    rows = _rows(test)
+    outputs = [predictions_on_test(run, test) for run in runs]
     accuracy = {}
     for task in TASKS:
         correct = 0
@@ -172,6 +165,94 @@ def late_fusion(variant: str, seed: int, test: Path) -> dict[str, float] | None:
             correct += max(product, key=product.__getitem__) == row[task]
         accuracy[task] = correct / len(rows)
     return accuracy
+
+
+def _rows(manifest: Path) -> list[dict[str, str]]:
+    import csv
+
+    with manifest.open(newline="", encoding="utf-8") as handle:
+        return list(csv.DictReader(handle))
+
+
+def predictions_on_test(run: Path, test: Path) -> list[dict[str, Any]]:
+    """The predictions of a run's evaluated checkpoint for every test sample, in manifest order.
+
+    Computed once and kept in the run folder (``test_predictions.json``).
+
+    Args:
+        run: A run folder of :func:`run_dir`.
+        test: The test manifest.
+
+    Returns:
+        Per sample, task → ``{"label", "score", "scores"}`` (see ``Predictor.predict``).
+    """
+    from fusionkit.training import Predictor
+
+    cache = run / "test_predictions.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    rows = _rows(test)
+    predictor = Predictor.from_pretrained(run / CHECKPOINT, device="cpu")
+    modalities = predictor.model.modalities
+    outputs = predictor.predict(
+        images=[test.parent / row["image"] for row in rows] if "image" in modalities else None,
+        texts=[row["text"] for row in rows] if "text" in modalities else None,
+    )
+    cache.write_text(json.dumps(outputs))
+    return outputs
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact sign test: how likely so lopsided a split of the discordant samples is
+    when neither model is better (each discordant sample a fair coin).
+
+    Args:
+        wins: Samples the first model gets right and the second wrong.
+        losses: The reverse.
+
+    Returns:
+        The p-value (1.0 when there is no discordant sample).
+
+    Example:
+        >>> sign_test(5, 0)
+        0.0625
+    """
+    total = wins + losses
+    tail = sum(math.comb(total, k) for k in range(min(wins, losses) + 1)) / 2**total
+    return min(1.0, 2 * tail)
+
+
+def paired_comparison(
+    variant: str, first: str, second: str, seeds: list[int], test: Path, task: str = "group"
+) -> dict[str, Any]:
+    """Compare two models sample by sample, pooled over seeds (McNemar's exact test).
+
+    Args:
+        variant: The data variant.
+        first: The model compared (a name of :data:`MODELS`).
+        second: The model it is compared with.
+        seeds: Seeds both models were trained with.
+        test: The test manifest.
+        task: The task whose predictions are compared.
+
+    Returns:
+        ``seeds``, ``wins`` (first right, second wrong, summed over seeds), ``losses`` (the
+        reverse) and ``p`` (:func:`sign_test`).
+    """
+    rows = _rows(test)
+    wins = losses = 0
+    for seed in seeds:
+        ours, theirs = (predictions_on_test(run_dir(variant, name, seed), test)
+                        for name in (first, second))
+        for row, mine, other in zip(rows, ours, theirs, strict=True):
+            right, other_right = mine[task]["label"] == row[task], other[task]["label"] == row[task]
+            wins += right and not other_right
+            losses += other_right and not right
+    return {"seeds": seeds, "wins": wins, "losses": losses, "p": sign_test(wins, losses)}
+
+
+#: What the full model is compared with, sample by sample, in the report.
+PAIRED = ("text_only", "concat", "sequence_concat")
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -232,7 +313,8 @@ def _compare(full: float, other: float) -> str:
 
 
 def _verdict(reports: dict[str, dict[str, Any]]) -> str:
-    """One sentence per data variant: the full model against the best single modality, concat."""
+    """The verdict of one data variant: the full model against the best single modality and
+    concat, and (when it ran) against sequence_concat."""
     accuracy = {name: report["tasks"]["group"]["accuracy"] for name, report in reports.items()}
     if not {"cma_clip", "image_only", "text_only", "concat"} <= set(accuracy):
         return ""
@@ -244,17 +326,26 @@ def _verdict(reports: dict[str, dict[str, Any]]) -> str:
         outcome = f"{against_single} both"
     else:
         outcome = f"{against_single} {single} and {against_concat} concat"
-    return (
+    verdict = (
         f"Mean group accuracy: full CMA-CLIP {full:.3f}, best single modality ({single}) "
         f"{accuracy[single]:.3f}, concat {accuracy['concat']:.3f}: the full model "
         f"{outcome}; the target of 0.95 is {'reached' if full >= 0.95 else 'not reached'}."
     )
+    if "sequence_concat" in accuracy:
+        # The ablation that isolates the modality-wise attention: everything else is shared.
+        verdict += (
+            f" Against sequence_concat ({accuracy['sequence_concat']:.3f}: the same model "
+            "with concatenation in place of the modality-wise attention) the full model "
+            f"{_compare(full, accuracy['sequence_concat'])} it."
+        )
+    return verdict
 
 
 def write_report(
     results: dict[str, dict[str, dict[str, Any]]],
     counts: dict[str, int],
     late_fusions: dict[str, dict[str, dict[str, float]]] | None = None,
+    comparisons: dict[str, dict[str, dict[str, Any]]] | None = None,
 ) -> None:
     """Write the Markdown table and the bar chart.
 
@@ -262,8 +353,11 @@ def write_report(
         results: Variant → model → :func:`summarise` of its seeds.
         counts: Split → number of emoji.
         late_fusions: Variant → seed → :func:`late_fusion` accuracies (optional).
+        comparisons: Variant → compared model → :func:`paired_comparison` of the full model
+            with it (optional).
     """
     late_fusions = late_fusions or {}
+    comparisons = comparisons or {}
     from fusionkit.io import atomic_write_text
 
     lines = [
@@ -287,7 +381,9 @@ def write_report(
         "shared with other jobs). With 260 test emoji one sample is 0.4 points of accuracy.",
         "",
         "`noflag`: the `flag:` prefix and the `flag` keyword removed from the texts of flags, "
-        "which otherwise name their group outright. `concat` replaces the modality-wise "
+        "which otherwise name their group outright. `concat` is the concat fusion baseline: "
+        "each modality pooled on its own, the two concatenated, no attention across them. "
+        "`sequence_concat` keeps the sequence-wise attention and replaces the modality-wise "
         "attention by concatenation; `no_modality_attention` by a fixed equal-weight mean.",
         "",
         f"Command: `python benchmarks/accuracy_emoji.py` on {platform.machine()} CPU "
@@ -316,6 +412,20 @@ def write_report(
             )
         verdict = _verdict(reports)
         lines += ["", verdict, ""] if verdict else [""]
+        paired = comparisons.get(variant, {})
+        if paired:
+            parts = [
+                f"against {name} ({len(c['seeds'])} seed{'s' if len(c['seeds']) > 1 else ''}) "
+                f"it is right where {name} is wrong on {c['wins']} test predictions and wrong "
+                f"where {name} is right on {c['losses']} (p = {c['p']:.2f})"
+                for name, c in paired.items()
+            ]
+            lines += [
+                "Paired over the same test emoji and seeds (group task), the full model: "
+                + "; ".join(parts) + ". p is McNemar's exact two-sided test on those counts: "
+                "below 0.05 the difference is unlikely to be seed and sampling noise.",
+                "",
+            ]
         late = late_fusions.get(variant, {})
         if late:
             groups = [late[seed]["group"] for seed in sorted(late, key=int)]
@@ -471,7 +581,18 @@ def main(argv: list[str] | None = None) -> None:
             accuracy = late_fusion(variant, int(seed), ROOT / f"data-{variant}" / "test.csv")
             if accuracy is not None:
                 late_fusions.setdefault(variant, {})[seed] = accuracy
-    write_report(summaries, counts, late_fusions)
+    comparisons: dict[str, dict[str, dict[str, Any]]] = {}
+    for variant in summaries:
+        test = ROOT / f"data-{variant}" / "test.csv"
+        for name in PAIRED:
+            if "cma_clip" in summaries[variant] and name in summaries[variant]:
+                seeds = sorted(set(summaries[variant]["cma_clip"]["seeds"])
+                               & set(summaries[variant][name]["seeds"]))
+                if seeds:
+                    comparisons.setdefault(variant, {})[name] = paired_comparison(
+                        variant, "cma_clip", name, seeds, test
+                    )
+    write_report(summaries, counts, late_fusions, comparisons)
     if "0" in results.get("flag", {}).get("cma_clip", {}) and not args.no_explain:
         print(json.dumps(explain_example(), indent=2))
 

@@ -235,4 +235,50 @@ def test_emoji_accuracy_summary_is_the_mean_over_seeds(tmp_path, monkeypatch):
     accuracy_emoji.write_report(results, {"train": 10, "val": 3, "test": 3})
     text = (tmp_path / "emoji.md").read_text()
     assert "the full model beats text_only and ties concat; the target of 0.95 is reached" in text
+    assert "Against sequence_concat" not in text
+    results["flag"]["sequence_concat"] = accuracy_emoji.summarise([_emoji_report(0, 0.97)])
+    accuracy_emoji.write_report(results, {"train": 10, "val": 3, "test": 3})
+    text = (tmp_path / "emoji.md").read_text()
+    assert ("Against sequence_concat (0.970: the same model with concatenation in place of the "
+            "modality-wise attention) the full model falls below it.") in text
     assert (tmp_path / "emoji.png").stat().st_size > 0
+
+
+def test_emoji_paired_comparison_counts_discordant_predictions(tmp_path, monkeypatch):
+    from benchmarks import accuracy_emoji
+
+    assert accuracy_emoji.sign_test(0, 0) == 1.0
+    assert accuracy_emoji.sign_test(3, 3) == 1.0
+    assert accuracy_emoji.sign_test(5, 0) == pytest.approx(0.0625)
+    assert accuracy_emoji.sign_test(2, 10) == pytest.approx(0.0386, abs=1e-4)
+
+    monkeypatch.setattr(accuracy_emoji, "ROOT", tmp_path)
+    test = tmp_path / "test.csv"
+    test.write_text("id,text,group\na,x,red\nb,y,blue\nc,z,red\nd,w,blue\n")
+    # Per seed, what each model predicts for a, b, c, d (truth: red, blue, red, blue).
+    predicted = {
+        ("cma_clip", 0): ["red", "blue", "red", "red"],
+        ("concat", 0): ["red", "red", "blue", "red"],
+        ("cma_clip", 1): ["blue", "blue", "red", "blue"],
+        ("concat", 1): ["red", "blue", "red", "blue"],
+    }
+    for (name, seed), labels in predicted.items():
+        run = accuracy_emoji.run_dir("flag", name, seed)
+        run.mkdir(parents=True)
+        (run / "test_predictions.json").write_text(
+            json.dumps([{"group": {"label": label}} for label in labels])
+        )
+    result = accuracy_emoji.paired_comparison("flag", "cma_clip", "concat", [0, 1], test)
+    assert result == {"seeds": [0, 1], "wins": 2, "losses": 1, "p": 1.0}
+    only = accuracy_emoji.paired_comparison("flag", "cma_clip", "concat", [0], test)
+    assert (only["wins"], only["losses"]) == (2, 0)
+
+    monkeypatch.setattr(accuracy_emoji, "OUT", tmp_path / "emoji.md")
+    monkeypatch.setattr(accuracy_emoji, "CHART", tmp_path / "emoji.png")
+    results = {"flag": {name: accuracy_emoji.summarise([_emoji_report(0, value)])
+                        for name, value in (("cma_clip", 0.96), ("concat", 0.94))}}
+    accuracy_emoji.write_report(results, {"train": 10, "val": 3, "test": 3},
+                                comparisons={"flag": {"concat": result}})
+    text = (tmp_path / "emoji.md").read_text()
+    assert ("against concat (2 seeds) it is right where concat is wrong on 2 test predictions "
+            "and wrong where concat is right on 1 (p = 1.00)") in text
