@@ -423,7 +423,9 @@ def write_report(
             lines += [
                 "Paired over the same test emoji and seeds (group task), the full model: "
                 + "; ".join(parts) + ". p is McNemar's exact two-sided test on those counts: "
-                "below 0.05 the difference is unlikely to be seed and sampling noise.",
+                "below 0.05 the difference is unlikely to be seed and sampling noise. The seeds "
+                "share their test emoji, so pooled over seeds the counts are not independent "
+                "and p is, if anything, too small.",
                 "",
             ]
         late = late_fusions.get(variant, {})
