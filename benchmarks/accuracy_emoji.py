@@ -213,7 +213,7 @@ def sign_test(wins: int, losses: int) -> float:
     Returns:
         The p-value (1.0 when there is no discordant sample).
 
-    Example:
+    Examples:
         >>> sign_test(5, 0)
         0.0625
     """
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> None:
     Args:
         argv: Command-line arguments (``--models``, ``--variants``, ``--seeds``).
 
-    Example:
+    Examples:
         >>> main(["--models", "cma_clip", "--variants", "flag", "--seeds", "0"])  # doctest: +SKIP
     """
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -150,7 +150,7 @@ def text_lengths(
     Returns:
         ``batch`` lengths.
 
-    Example:
+    Examples:
         >>> lengths = text_lengths(32, 77)
         >>> round(sum(lengths) / len(lengths) / 77, 2)
         0.25

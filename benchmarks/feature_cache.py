@@ -55,7 +55,7 @@ def _measure(config: dict, image_size: int) -> tuple[list[float], list[float], f
 def main() -> None:
     """Time both runs per image size and write the table.
 
-    Example:
+    Examples:
         >>> main()  # doctest: +SKIP
     """
     import torch

@@ -187,7 +187,7 @@ def _plot(results: dict[str, dict[str, dict[float, dict[str, Any]]]]) -> None:
 def main() -> None:
     """Corrupt, evaluate every model at every rate, write the table and the chart.
 
-    Example:
+    Examples:
         >>> main()  # doctest: +SKIP
     """
     from fusionkit.io import atomic_write_text

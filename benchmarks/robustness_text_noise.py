@@ -42,7 +42,7 @@ def _catalogues() -> dict[float, dict[str, Path]]:
 def main() -> None:
     """Train both fusions, evaluate on clean and noisy test titles, write the table.
 
-    Example:
+    Examples:
         >>> main()  # doctest: +SKIP
     """
     from fusionkit.io import atomic_write_text, read_yaml

@@ -3,7 +3,7 @@
 Errors fusionkit raises on purpose (bad config, bad data, bad checkpoint) print one line
 ``error: ...`` with a hint and exit with code 2; ``--debug`` shows the traceback.
 
-Example:
+Examples:
     $ fusionkit train --train data/train.csv --val data/val.csv --output runs/mine
     $ fusionkit evaluate --checkpoint runs/mine --data data/test.csv
     $ fusionkit predict --checkpoint runs/mine --image shirt.png --text "red striped tee" --json
@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     Returns:
         The parser with its subcommands.
 
-    Example:
+    Examples:
         >>> build_parser().parse_args(["list", "model"]).kind
         'model'
     """
@@ -296,7 +296,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         The exit code: 0 on success, 2 on a fusionkit error (one line on stderr).
 
-    Example:
+    Examples:
         >>> main(["list", "model"])  # doctest: +SKIP
         model: cma_clip
     """

@@ -8,7 +8,7 @@
 3. Evaluate the best checkpoint on the test split and print accuracy, macro-F1, recall at
    90% precision, the majority-class rate and the mean modality weights per task.
 
-Example:
+Examples:
     $ python -m fusionkit.demo
 """
 
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     Returns:
         The exit code.
 
-    Example:
+    Examples:
         >>> main()  # doctest: +SKIP
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -7,7 +7,7 @@ CNN). Upsampled and laid over the image, the map shows which region that word re
 per-task modality weights (which modality each task trusted) and the predictions go into the
 caption.
 
-Example:
+Examples:
     >>> result = explain("runs/emoji/best", "cat.png", "grinning cat", "cat.png.explain.png")
     ... # doctest: +SKIP
     >>> result.grid  # doctest: +SKIP
@@ -78,7 +78,7 @@ def feature_grid(num_tokens: int, height: int, width: int) -> tuple[int, int]:
     Raises:
         ConfigError: ``num_tokens`` or a side is not positive.
 
-    Example:
+    Examples:
         >>> feature_grid(49, 224, 224), feature_grid(12, 96, 128)
         ((7, 7), (3, 4))
     """
@@ -111,7 +111,7 @@ def attention_map(
     Raises:
         ConfigError: ``layers`` is neither ``"last"`` nor ``"mean"``, or nothing to average.
 
-    Example:
+    Examples:
         >>> probs = torch.full((1, 2, 4, 4), 0.25)
         >>> attention_map([probs], [0], range(2, 4))
         tensor([0.2500, 0.2500])
@@ -267,7 +267,7 @@ def explain(
         DataError: The image cannot be read or the text is empty.
         CheckpointError: The checkpoint cannot be loaded.
 
-    Example:
+    Examples:
         >>> explain("runs/emoji", "images/1f600.png", "grinning face", "fig.png").token
         ... # doctest: +SKIP
         'grinning'

@@ -72,7 +72,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None]) ->
             untouched and the temporary file removed. It is an `OSError` with the original
             ``errno``.
 
-    Example:
+    Examples:
         >>> atomic_write("out.txt", lambda tmp: tmp.write_text("done"))
     """
     target = Path(path)
@@ -222,7 +222,7 @@ def write_checksums(folder: str | os.PathLike[str], names: Iterable[str]) -> Pat
     Raises:
         StorageError: The file cannot be written.
 
-    Example:
+    Examples:
         >>> write_checksums("run/best", ["model.safetensors", "config.yaml"])
     """
     folder = Path(folder)
@@ -248,7 +248,7 @@ def verify_checksums(folder: str | os.PathLike[str], names: Iterable[str]) -> bo
         CheckpointError: ``checksums.json`` is unreadable, or a file is missing or its SHA-256
             differs (a corrupt or tampered file); the message names the file.
 
-    Example:
+    Examples:
         >>> verify_checksums("run/best", ["model.safetensors"])
         True
     """

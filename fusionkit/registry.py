@@ -17,7 +17,7 @@ entry point names a module (imported) or a callable (called with no arguments) t
 its components. Plugins are loaded lazily, once, on the first lookup or listing; a plugin that
 fails to load produces a warning naming it and never breaks the registry.
 
-Example:
+Examples:
     >>> import fusionkit
     >>> @fusionkit.register("modality_fusion", name="my_max")
     ... class MaxFusion(torch.nn.Module): ...
@@ -136,7 +136,7 @@ def register(
     Raises:
         RegistryError: ``kind`` is unknown, or ``name`` is taken and ``override`` is false.
 
-    Example:
+    Examples:
         >>> @register("modality_fusion", name="first")
         ... class First(torch.nn.Module): ...
     """
@@ -238,7 +238,7 @@ def create(kind: str, name: str, **kwargs: Any) -> Any:
     Raises:
         RegistryError: The kind or the name is unknown.
 
-    Example:
+    Examples:
         >>> fusion = create("modality_fusion", "keyless", dim=256, modalities=("text", "image"))
     """
     return get(kind, name).factory(**kwargs)
@@ -267,7 +267,7 @@ def list_components(
     Raises:
         RegistryError: ``kind`` is unknown.
 
-    Example:
+    Examples:
         >>> list_components("sequence_fusion")
         ['co_attention', 'transformer']
     """

@@ -32,7 +32,7 @@ class TaskSpec:
     Raises:
         ConfigError: The class count or names are inconsistent.
 
-    Example:
+    Examples:
         >>> TaskSpec.from_classes(["black", "blue", "red"])
         TaskSpec(num_classes=3, multi_label=False, classes=('black', 'blue', 'red'), weight=1.0)
     """

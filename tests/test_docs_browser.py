@@ -53,8 +53,9 @@ def _chromium(*args: str, profile: Path) -> subprocess.CompletedProcess:
 def site(tmp_path_factory):
     """Build the site with ``mkdocs build --strict`` and serve it on 127.0.0.1."""
     out = tmp_path_factory.mktemp("site")
+    # Not --quiet: it hides warnings from --strict, which then passes a site with broken links.
     result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--quiet", "-d", str(out)],
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -125,3 +126,15 @@ def test_screenshot(site, page, screenshots, tmp_path):
         base + page, profile=tmp_path / "p",
     )  # fmt: skip
     assert png.is_file() and png.stat().st_size > 10_000, result.stderr[-2000:]
+
+
+def test_api_examples_render_as_highlighted_code(site):
+    out, _ = site
+    pages = sorted((out / "reference").glob("*.html"))
+    assert pages
+    for page in pages:
+        html = page.read_text(encoding="utf-8")
+        # A docstring example read as Markdown turns its ">>>" prompts into nested quotes.
+        assert "<blockquote>\n<blockquote>" not in html, page.name
+    training = (out / "reference" / "training.html").read_text(encoding="utf-8")
+    assert '<span class="gp">&gt;&gt;&gt; </span>' in training

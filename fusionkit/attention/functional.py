@@ -74,7 +74,7 @@ def resolve_backend(backend: str, query: Tensor) -> str:
         ValueError: ``backend`` is not a known name.
         BackendUnavailableError: ``xformers`` was asked for where it cannot run.
 
-    Example:
+    Examples:
         >>> resolve_backend("auto", torch.zeros(1, 4, 2, 8))
         'sdpa'
     """
@@ -211,7 +211,7 @@ def attention(
             shape or dtype (a ``ValueError``).
         BackendUnavailableError: ``backend="xformers"`` where xformers cannot run.
 
-    Example:
+    Examples:
         >>> q = k = v = torch.randn(2, 10, 4, 16)
         >>> mask = torch.arange(10) < torch.tensor([[10], [6]])
         >>> attention(q, k, v, key_padding_mask=mask).shape

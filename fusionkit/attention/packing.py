@@ -39,7 +39,7 @@ class PackedSequences:
         indices: ``(T,)`` flat positions of the real tokens in ``B * L``.
         offsets: ``(B + 1,)`` start of each sample in the packed stream.
 
-    Example:
+    Examples:
         >>> mask = torch.tensor([[True, True, False], [True, False, False]])
         >>> seqs = PackedSequences.from_mask(mask)
         >>> seqs.pack(torch.arange(6).view(2, 3)).tolist()
@@ -241,7 +241,7 @@ def varlen_attention(
         ShapeError: The tensors do not match their packings.
         BackendUnavailableError: ``backend="xformers"`` where xformers cannot run.
 
-    Example:
+    Examples:
         >>> mask = torch.arange(6) < torch.tensor([[6], [2]])
         >>> seqs = PackedSequences.from_mask(mask)
         >>> q = k = v = torch.randn(seqs.total, 4, 8)

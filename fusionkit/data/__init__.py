@@ -3,7 +3,7 @@
 This layer imports nothing of ``fusionkit.models`` or ``fusionkit.training``; it only produces
 samples (``id``, ``image``, ``text``, ``targets``) and batches of them.
 
-Example:
+Examples:
     >>> from fusionkit.data import ManifestDataset, generate_catalogue, infer_tasks, make_collate
     >>> paths = generate_catalogue("/tmp/catalogue", train=40, val=8, test=8, progress=False)
     >>> tasks = infer_tasks(paths["train"])

@@ -36,7 +36,7 @@ class Batch:
             :data:`~fusionkit.tasks.MISSING_LABEL` (-100) for a missing label; multi-label:
             float ``(B, C)`` multi-hot with a row of NaN for a missing label.
 
-    Example:
+    Examples:
         >>> batch = Batch(["a"], None, torch.tensor([False]), ["red tee"], {})
         >>> len(batch), batch.text_present.tolist()
         (1, [True])
@@ -69,7 +69,7 @@ class Batch:
         Returns:
             A new batch on ``device``; ids and texts are shared.
 
-        Example:
+        Examples:
             >>> batch = batch.to("cpu")  # doctest: +SKIP
         """
         def move(tensor: torch.Tensor) -> torch.Tensor:
@@ -150,7 +150,7 @@ def collate_samples(
         DataError: ``samples`` is empty, or a target is not a valid class index for its task.
         ShapeError: The images of the batch differ in shape.
 
-    Example:
+    Examples:
         >>> spec = {"color": TaskSpec.from_classes(["blue", "red"])}
         >>> sample = {"id": "a", "image": None, "text": "red tee", "targets": {"color": None}}
         >>> collate_samples([sample], spec).targets["color"].tolist()
@@ -202,7 +202,7 @@ class SampleCollator:
         tasks: The tasks to collate targets for.
         image_shape: Optional ``(3, H, W)``, see :func:`collate_samples`.
 
-    Example:
+    Examples:
         >>> collate = SampleCollator({"color": TaskSpec.from_classes(["blue", "red"])})
         >>> loader = torch.utils.data.DataLoader(dataset, collate_fn=collate)  # doctest: +SKIP
     """
@@ -233,7 +233,7 @@ def make_collate(
     Returns:
         A :class:`SampleCollator`.
 
-    Example:
+    Examples:
         >>> collate = make_collate({"color": TaskSpec.from_classes(["blue", "red"])})
         >>> loader = torch.utils.data.DataLoader(dataset, collate_fn=collate)  # doctest: +SKIP
     """

@@ -16,7 +16,7 @@ therefore made over *base* emoji (the code points with those modifiers taken out
 by subgroup so that every split covers the groups in proportion and the training split holds
 every subgroup.
 
-Example:
+Examples:
     >>> paths = build_emoji_dataset("/tmp/emoji", progress=False)  # doctest: +SKIP
     >>> sorted(paths)  # doctest: +SKIP
     ['test', 'train', 'val']
@@ -92,7 +92,7 @@ class EmojiRecord:
         group: Its group, e.g. ``"Smileys & Emotion"``.
         subgroup: Its subgroup, e.g. ``"face-smiling"``.
 
-    Example:
+    Examples:
         >>> EmojiRecord((0x1F600,), "grinning face", "Smileys & Emotion", "face-smiling").text
         '😀'
     """
@@ -127,7 +127,7 @@ def base_key(points: Sequence[int]) -> tuple[int, ...]:
     Returns:
         The code points of its base: variants of one emoji share it.
 
-    Example:
+    Examples:
         >>> base_key((0x1F469, 0x1F3FD, 0x200D, 0x1F4BB)) == base_key((0x1F9D1, 0x200D, 0x1F4BB))
         True
     """
@@ -178,7 +178,7 @@ def read_emoji(path: str | Path = EMOJI_TEST, *, skin_tones: bool = False) -> li
     Raises:
         DataError: The file cannot be read or holds no emoji.
 
-    Example:
+    Examples:
         >>> records = read_emoji()  # doctest: +SKIP
         >>> len({record.group for record in records})  # doctest: +SKIP
         9
@@ -325,7 +325,7 @@ def build_emoji_dataset(
             files cannot be read.
         ConfigError: ``image_size``, ``seed`` or ``limit`` is invalid.
 
-    Example:
+    Examples:
         >>> paths = build_emoji_dataset("/tmp/emoji", limit=100, progress=False)  # doctest: +SKIP
         >>> paths["train"].name  # doctest: +SKIP
         'train.csv'
@@ -370,7 +370,7 @@ def split_counts(manifests: dict[str, Path]) -> dict[str, Counter[str]]:
     Returns:
         Split → Counter of group names.
 
-    Example:
+    Examples:
         >>> split_counts(build_emoji_dataset("/tmp/emoji", progress=False))  # doctest: +SKIP
     """
     counts: dict[str, Counter[str]] = {}

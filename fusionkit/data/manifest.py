@@ -71,7 +71,7 @@ class ManifestRecord:
             None for a missing label.
         line: The line of the manifest where the row starts (1-based), for messages.
 
-    Example:
+    Examples:
         >>> ManifestRecord("a", None, "red shirt", {"color": 2}, line=2).text
         'red shirt'
     """
@@ -231,7 +231,7 @@ def infer_tasks(
             task column, or a task has too few classes (single-label tasks need two).
         ConfigError: ``task_names`` or ``multi_label`` is a string or names an unknown task.
 
-    Example:
+    Examples:
         >>> tasks = infer_tasks("train.csv")  # doctest: +SKIP
         >>> tasks["pattern"].multi_label  # doctest: +SKIP
         True
@@ -291,7 +291,7 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
     Raises:
         DataError: The file is missing, unreadable, corrupt or too large.
 
-    Example:
+    Examples:
         >>> open_image("images/train-00000.png").mode
         'RGB'
     """
@@ -334,7 +334,7 @@ def write_manifest(
     Returns:
         The path.
 
-    Example:
+    Examples:
         >>> write_manifest("data/train.csv", ["id", "text", "color"], [["a", "red shirt", "red"]])
         ... # doctest: +SKIP
     """
@@ -378,7 +378,7 @@ class ManifestDataset(Dataset):
             a missing image file or an unknown label.
         ConfigError: ``on_error`` or ``tasks`` is invalid.
 
-    Example:
+    Examples:
         >>> data = ManifestDataset("train.csv", infer_tasks("train.csv"))  # doctest: +SKIP
         >>> sorted(data[0])  # doctest: +SKIP
         ['id', 'image', 'targets', 'text']
@@ -529,7 +529,7 @@ class ManifestDataset(Dataset):
         Raises:
             IndexError: ``index`` is out of range.
 
-        Example:
+        Examples:
             >>> data[0]["targets"]  # doctest: +SKIP
             {'color': 3, 'pattern': [1, 4], 'category': None}
         """

@@ -16,7 +16,7 @@ Both sets come with two splits (train and test/validation); a validation split i
 the training rows, stratified by class, and the published test (Food-101) or validation
 (Fashion-Gen) file becomes the test split, as in the paper.
 
-Example:
+Examples:
     >>> paths = convert_food101("~/data/upmc_food101", "data/food101")  # doctest: +SKIP
     >>> sorted(paths)  # doctest: +SKIP
     ['test', 'train', 'val']
@@ -157,7 +157,7 @@ def convert_food101(
         DataError: A titles file is missing or malformed, or a split has no usable row.
         ConfigError: ``val_fraction`` is not in [0, 1).
 
-    Example:
+    Examples:
         >>> convert_food101("data/upmc_food101", "data/food101")["test"]  # doctest: +SKIP
         PosixPath('data/food101/test.csv')
     """
@@ -286,7 +286,7 @@ def convert_fashiongen(
         DataError: A file is missing, not HDF5, or lacks a Fashion-Gen dataset.
         ConfigError: ``val_fraction`` or ``limit`` is out of range.
 
-    Example:
+    Examples:
         >>> convert_fashiongen("fashiongen_256_256_train.h5",
         ...                    "fashiongen_256_256_validation.h5", "data/fashiongen")
         ... # doctest: +SKIP

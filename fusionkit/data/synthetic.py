@@ -497,7 +497,7 @@ def generate_catalogue(
     Raises:
         ConfigError: A size, rate or the image size is out of range.
 
-    Example:
+    Examples:
         >>> paths = generate_catalogue("/tmp/catalogue", train=40, val=8, test=8, progress=False)
         >>> sorted(paths)
         ['test', 'train', 'val']

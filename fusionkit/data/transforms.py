@@ -121,7 +121,7 @@ def build_image_transform(
     Raises:
         ConfigError: A config value is missing, of the wrong type or out of range.
 
-    Example:
+    Examples:
         >>> from PIL import Image
         >>> transform = build_image_transform({"input_size": (3, 32, 32)})
         >>> transform(Image.new("RGB", (50, 40))).shape
@@ -169,7 +169,7 @@ def transform_key(data_config: Mapping[str, Any], train: bool = False) -> str:
     Raises:
         ConfigError: The config is invalid (as for :func:`build_image_transform`).
 
-    Example:
+    Examples:
         >>> transform_key({"input_size": (3, 32, 32), "mean": (0.5,) * 3, "std": (0.5,) * 3})[:54]
         'fusionkit-image-v1/eval/3x32x32/bicubic/crop_pct=0.875'
     """

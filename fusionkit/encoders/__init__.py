@@ -5,7 +5,7 @@ Importing this package registers the ``vision_encoder`` ``"timm"`` and the ``tex
 `EncoderOutput` (tokens ``(B, N, C)`` and a bool mask) and states its ``width``.
 Pretrained weights come only from offline packages or local files.
 
-Example:
+Examples:
     >>> from fusionkit.encoders import TimmVisionEncoder
     >>> TimmVisionEncoder("resnet18")(torch.randn(2, 3, 64, 64)).tokens.shape
     torch.Size([2, 4, 512])

@@ -26,7 +26,7 @@ class EncoderOutput:
         mask: Bool tensor of shape ``(B, N)``; ``True`` marks a real token, ``False`` padding
             (or every position of a sample whose input is missing).
 
-    Example:
+    Examples:
         >>> out = EncoderOutput(torch.zeros(2, 5, 8), torch.ones(2, 5, dtype=torch.bool))
         >>> out.tokens.shape
         torch.Size([2, 5, 8])
@@ -51,7 +51,7 @@ def check_images(images: Any, name: str = "images", shape: str = "(B, C, H, W)")
     Raises:
         ShapeError: The message names ``name``, the expected shape and what was found.
 
-    Example:
+    Examples:
         >>> images = torch.zeros(1, 3, 8, 8)
         >>> images[0, 0, 0, 0] = float("nan")
         >>> check_images(images)

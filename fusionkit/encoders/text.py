@@ -87,7 +87,7 @@ class BaseTextEncoder(nn.Module):
     Raises:
         ConfigError: ``max_length`` is not an int of at least 2.
 
-    Example:
+    Examples:
         >>> encoder = HuggingFaceTextEncoder("path/to/bert")
         >>> encoder(["a red dress"]).tokens.shape[-1] == encoder.width
         True
@@ -135,7 +135,7 @@ class BaseTextEncoder(nn.Module):
         Returns:
             ``self``.
 
-        Example:
+        Examples:
             >>> encoder.train().transformer.training == (not encoder.frozen)
             True
         """
@@ -159,7 +159,7 @@ class BaseTextEncoder(nn.Module):
         Raises:
             ShapeError: ``texts`` is a single string, empty, or holds a non-string.
 
-        Example:
+        Examples:
             >>> encoder.tokenize(["a cat", None])["present"]
             tensor([ True, False])
         """
@@ -219,7 +219,7 @@ class BaseTextEncoder(nn.Module):
             ShapeError: Both or neither of ``texts`` and ``text_inputs`` are given, or they
                 are malformed.
 
-        Example:
+        Examples:
             >>> out = encoder(["a red dress", None])
             >>> out.mask[1].any()
             tensor(False)
@@ -257,7 +257,7 @@ class BaseTextEncoder(nn.Module):
         Raises:
             ShapeError: Both or neither input is given, or an input is malformed.
 
-        Example:
+        Examples:
             >>> encoder.forward_features(["a cat"]).tokens.ndim
             3
         """
@@ -299,7 +299,7 @@ class SentenceTransformersTextEncoder(BaseTextEncoder):
         CheckpointError: The directory is missing or holds no loadable model.
         MissingDependencyError: The offline package of a known name is not installed.
 
-    Example:
+    Examples:
         >>> encoder = SentenceTransformersTextEncoder("all-MiniLM-L6-v2", max_length=32)
         >>> encoder(["a red dress"]).tokens.shape
         torch.Size([1, 5, 384])
@@ -347,7 +347,7 @@ class SentenceTransformersTextEncoder(BaseTextEncoder):
         Raises:
             ShapeError: ``texts`` is a single string, empty, or holds a non-string.
 
-        Example:
+        Examples:
             >>> a, b = encoder.sentence_embedding(["A cat.", "A kitten."])
             >>> float(a @ b) > 0.5
             True
@@ -383,7 +383,7 @@ class HuggingFaceTextEncoder(BaseTextEncoder):
         CheckpointError: The directory is missing or holds no loadable model or tokenizer.
         MissingDependencyError: The offline package of a known name is not installed.
 
-    Example:
+    Examples:
         >>> encoder = HuggingFaceTextEncoder("/models/bert-tiny", max_length=16)
         >>> encoder(["a red dress", None]).mask.shape
         torch.Size([2, 5])

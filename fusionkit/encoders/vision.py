@@ -60,7 +60,7 @@ class TimmVisionEncoder(nn.Module):
         CheckpointError: The weights do not fit the model.
         MissingDependencyError: An offline weight package is not installed.
 
-    Example:
+    Examples:
         >>> encoder = TimmVisionEncoder("resnet18")
         >>> out = encoder(torch.randn(2, 3, 64, 64))
         >>> out.tokens.shape, out.mask.shape
@@ -138,7 +138,7 @@ class TimmVisionEncoder(nn.Module):
         Returns:
             ``self``.
 
-        Example:
+        Examples:
             >>> TimmVisionEncoder("resnet18", freeze=True).train().model.training
             False
         """
@@ -198,7 +198,7 @@ class TimmVisionEncoder(nn.Module):
                 the backbone's dtype and device, the backbone refuses its size, or the
                 backbone returns an unexpected shape.
 
-        Example:
+        Examples:
             >>> TimmVisionEncoder("vit_tiny_patch16_224", img_size=64)(
             ...     torch.randn(1, 3, 64, 64)).tokens.shape
             torch.Size([1, 17, 192])
@@ -241,7 +241,7 @@ class TimmVisionEncoder(nn.Module):
             ShapeError: ``images`` has the wrong rank, channel count, dtype or device, or holds
                 NaN or infinite values.
 
-        Example:
+        Examples:
             >>> TimmVisionEncoder("resnet18")(torch.randn(1, 3, 64, 64)).tokens.shape
             torch.Size([1, 4, 512])
         """

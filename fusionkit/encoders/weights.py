@@ -115,7 +115,7 @@ def enforce_offline_mode() -> None:
     Called by every loader rather than at import, so importing fusionkit leaves the
     environment alone.
 
-    Example:
+    Examples:
         >>> enforce_offline_mode()
         >>> os.environ["HF_HUB_OFFLINE"]
         '1'
@@ -173,7 +173,7 @@ def resolve_text_model_path(name_or_path: str | os.PathLike[str]) -> Path:
         ConfigError: The name is neither a local path nor a known offline package.
         MissingDependencyError: The name is known but its package is not installed.
 
-    Example:
+    Examples:
         >>> resolve_text_model_path("all-MiniLM-L6-v2").name
         'model'
     """
@@ -239,7 +239,7 @@ def load_state_dict_file(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         CheckpointError: The path is missing, has an unsupported suffix, or cannot be read
             as a plain tensor checkpoint.
 
-    Example:
+    Examples:
         >>> state_dict = load_state_dict_file("checkpoints/resnet18.safetensors")
     """
     source = Path(path).expanduser()
@@ -296,7 +296,7 @@ def offline_vision_state_dict(name: str) -> dict[str, Tensor]:
         MissingDependencyError: The package is not installed.
         CheckpointError: The package's file is missing or unreadable.
 
-    Example:
+    Examples:
         >>> state_dict = offline_vision_state_dict("efficientnet_lite0")
         >>> next(iter(state_dict))
         '_conv_stem.weight'
@@ -328,7 +328,7 @@ def map_state_dict_in_order(
         CheckpointError: The counts differ, or a pair differs in shape or kind; the message
             names both keys and both shapes.
 
-    Example:
+    Examples:
         >>> mapped = map_state_dict_in_order(offline_sd, model.state_dict())
         >>> model.load_state_dict(mapped)
     """
@@ -376,7 +376,7 @@ def load_offline_vision_weights(model: nn.Module, name: str) -> nn.Module:
         CheckpointError: The model is of another architecture or a tensor does not fit.
         MissingDependencyError: The package is not installed.
 
-    Example:
+    Examples:
         >>> model = timm.create_model("tf_efficientnet_lite0", num_classes=1000)
         >>> load_offline_vision_weights(model, "efficientnet_lite0")
     """
@@ -424,7 +424,7 @@ def load_vision_checkpoint(model: nn.Module, path: str | os.PathLike[str]) -> nn
         CheckpointError: The checkpoint cannot be read, or its keys or shapes do not match
             the model; the message lists the differences.
 
-    Example:
+    Examples:
         >>> model = timm.create_model("resnet18", num_classes=0)
         >>> load_vision_checkpoint(model, "checkpoints/resnet18.safetensors")
     """
@@ -479,7 +479,7 @@ def load_vision_weights(model: nn.Module, weights: str | os.PathLike[str]) -> nn
         CheckpointError: The weights do not fit the model or cannot be read.
         MissingDependencyError: The offline package is not installed.
 
-    Example:
+    Examples:
         >>> model = timm.create_model("tf_efficientnet_lite0", num_classes=0)
         >>> load_vision_weights(model, "efficientnet_lite0")
     """

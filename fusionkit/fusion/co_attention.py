@@ -68,7 +68,7 @@ class CoAttention(nn.Module):
     Raises:
         ValueError: Bad sizes, ``heads`` not dividing ``dim``, fewer than two modalities.
 
-    Example:
+    Examples:
         >>> fusion = CoAttention({"text": 32, "image": 48}, dim=64, heads=4)
         >>> out = fusion({"text": torch.randn(2, 5, 32), "image": torch.randn(2, 9, 48)})
         >>> out.summaries["text"].shape

@@ -87,7 +87,7 @@ class ModalityWiseAttention(ModalityFusion):
     Raises:
         ValueError: Unknown variant or bad sizes.
 
-    Example:
+    Examples:
         >>> fusion = ModalityWiseAttention(8, ("text", "image"))
         >>> fused, weights = fusion({"text": torch.randn(3, 8), "image": torch.randn(3, 8)})
         >>> weights.sum(dim=1)
@@ -133,7 +133,7 @@ class GatedFusion(ModalityFusion):
         dim: Embedding width.
         modalities: Modality names (column order of the weights).
 
-    Example:
+    Examples:
         >>> fused, weights = GatedFusion(8, ("text", "image"))(
         ...     {"text": torch.randn(2, 8), "image": torch.randn(2, 8)})
     """

@@ -85,7 +85,7 @@ class SequenceWiseAttention(nn.Module):
     Raises:
         ValueError: Bad sizes, ``heads`` not dividing ``dim``, or an unknown option.
 
-    Example:
+    Examples:
         >>> fusion = SequenceWiseAttention({"text": 384, "image": 192}, dim=256, heads=4)
         >>> out = fusion({"text": torch.randn(2, 7, 384), "image": torch.randn(2, 49, 192)})
         >>> out.summaries["image"].shape

@@ -79,7 +79,7 @@ class MultiTaskHead(nn.Module):
         ConfigError: The tasks are malformed.
         ValueError: ``dim`` is not positive.
 
-    Example:
+    Examples:
         >>> head = MultiTaskHead(16, {"color": {"num_classes": 3},
         ...                           "pattern": {"num_classes": 4, "multi_label": True}})
         >>> logits = head(torch.randn(2, 16))

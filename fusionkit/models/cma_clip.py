@@ -97,7 +97,7 @@ class CMACLIP(nn.Module):
     Raises:
         ConfigError: The configuration is invalid.
 
-    Example:
+    Examples:
         >>> model = build_model({"vision": {"name": "timm", "model_name": "resnet18"},
         ...                      "text": None, "tasks": {"color": {"num_classes": 3}}})
         >>> out = model(images=torch.randn(2, 3, 64, 64))
@@ -412,7 +412,7 @@ def build_model(config: ModelConfig | Mapping[str, Any] | str | os.PathLike[str]
     Raises:
         ConfigError: Unknown keys or wrong types, named by their key path.
 
-    Example:
+    Examples:
         >>> model = build_model("configs/quickstart.yaml")
     """
     parsed = ModelConfig.load(config)

@@ -89,7 +89,7 @@ def matches_type(value: Any, hint: Any) -> bool:
     Returns:
         True if the value fits.
 
-    Example:
+    Examples:
         >>> matches_type(3, int | None), matches_type(True, int)
         (True, False)
     """
@@ -325,7 +325,7 @@ class ModelConfig:
         tasks: Task name → `fusionkit.tasks.TaskSpec`.
         sections: The ``data`` and ``train`` sections, as given, for the training layer.
 
-    Example:
+    Examples:
         >>> config = ModelConfig.from_dict({"vision": None, "tasks": {"color": {"num_classes": 3}}})
         >>> config.text.name
         'sentence_transformers'

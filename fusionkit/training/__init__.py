@@ -1,6 +1,6 @@
 """Training, evaluation and prediction for fusionkit models.
 
-Example:
+Examples:
     >>> from fusionkit.training import Predictor, build_run_config, train
     >>> result = train(build_run_config(train="train.csv", val="val.csv"), "runs/x")
     ... # doctest: +SKIP

@@ -43,7 +43,7 @@ def drop_modalities(
         ValueError: ``p`` outside ``[0, 1]``, or masks that are not ``(B, N)`` bool tensors
             of one batch size.
 
-    Example:
+    Examples:
         >>> masks = {"image": torch.ones(4, 3, dtype=torch.bool),
         ...          "text": torch.ones(4, 5, dtype=torch.bool)}
         >>> dropped = drop_modalities(masks, 1.0, torch.Generator().manual_seed(0))
@@ -95,7 +95,7 @@ def swap_modalities(
         ValueError: ``p`` outside ``[0, 1]``, ``modality`` not among the inputs, tokens and
             masks with different modalities or shapes.
 
-    Example:
+    Examples:
         >>> tokens = {"text": torch.arange(4.0).view(4, 1, 1), "image": torch.zeros(4, 2, 1)}
         >>> masks = {m: torch.ones(t.shape[:2], dtype=torch.bool) for m, t in tokens.items()}
         >>> swapped, _ = swap_modalities(tokens, masks, 1.0, "text", torch.Generator())

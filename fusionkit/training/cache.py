@@ -59,7 +59,7 @@ def default_cache_dir() -> Path:
     Returns:
         The folder (not created).
 
-    Example:
+    Examples:
         >>> default_cache_dir().name
         'features'
     """
@@ -76,7 +76,7 @@ class CacheStats:
         misses: Data sets encoded (then stored).
         encoded_batches: Encoder forward passes run to fill the cache.
 
-    Example:
+    Examples:
         >>> CacheStats().hits
         0
     """
@@ -106,7 +106,7 @@ def feature_cache_key(
     Returns:
         A 24-character hex digest.
 
-    Example:
+    Examples:
         >>> key = feature_cache_key(model, dataset, "eval/...", torch.float16)  # doctest: +SKIP
     """
     stat = dataset.path.stat()
@@ -165,7 +165,7 @@ class CachedFeatures(Dataset):
         live: Modalities not in the cache, whose raw inputs each sample carries (an image
             through the data set's transform, a text as it is).
 
-    Example:
+    Examples:
         >>> features = encode_dataset(model, dataset, cache_dir)  # doctest: +SKIP
         >>> features[0]["tokens"]["image"].shape  # doctest: +SKIP
         torch.Size([9, 1280])
@@ -239,7 +239,7 @@ def collate_features(
     Returns:
         The batch, tokens as float32.
 
-    Example:
+    Examples:
         >>> collate = make_collate(tasks)  # doctest: +SKIP
         >>> batch = collate_features([features[0], features[1]], collate)  # doctest: +SKIP
     """
@@ -309,7 +309,7 @@ def encode_dataset(
     Raises:
         ValueError: ``modalities`` is empty or names a modality the model lacks.
 
-    Example:
+    Examples:
         >>> features = encode_dataset(model, dataset, "~/.cache/x", key)  # doctest: +SKIP
     """
     stats = stats if stats is not None else CacheStats()
@@ -398,7 +398,7 @@ def feature_inputs(
     Returns:
         ``images``/``present`` and/or ``texts`` keyword arguments.
 
-    Example:
+    Examples:
         >>> tokens, masks = model.forward_features(**feature_inputs(model, batch))  # doctest: +SKIP
     """
     wanted = model.modalities if modalities is None else modalities
@@ -427,7 +427,7 @@ def batch_tokens(
     Returns:
         ``(tokens, masks)`` as from :meth:`~fusionkit.models.CMACLIP.forward_features`.
 
-    Example:
+    Examples:
         >>> output = model.forward_head(*batch_tokens(model, batch, "cpu"))  # doctest: +SKIP
     """
     if not isinstance(batch, FeatureBatch):

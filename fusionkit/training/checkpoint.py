@@ -77,7 +77,7 @@ def save_checkpoint(
         StorageError: A file cannot be written (e.g. the disk is full); the previous
             checkpoint at ``directory`` is left as it was.
 
-    Example:
+    Examples:
         >>> save_checkpoint("run/best", model, include_frozen=False)  # doctest: +SKIP
     """
     target = Path(directory)
@@ -113,7 +113,7 @@ def find_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
     Returns:
         The folder holding a complete checkpoint, or ``None``.
 
-    Example:
+    Examples:
         >>> find_checkpoint("run/last")  # doctest: +SKIP
         PosixPath('run/last')
     """
@@ -139,7 +139,7 @@ def read_trainer_state(directory: str | os.PathLike[str]) -> tuple[dict[str, Any
             ``trainer_state.pt`` is read with ``torch.load(weights_only=True)``, which refuses
             to unpickle arbitrary objects instead of running their code.
 
-    Example:
+    Examples:
         >>> state, tensors = read_trainer_state("run/last")  # doctest: +SKIP
     """
     directory = Path(directory)
@@ -179,7 +179,7 @@ def load_model_weights(model: nn.Module, directory: str | os.PathLike[str]) -> N
             ``checksums.json``, or its safetensors header is damaged), or its tensors do not
             fit the model.
 
-    Example:
+    Examples:
         >>> load_model_weights(model, "run/last")  # doctest: +SKIP
     """
     verify_checksums(directory, [_WEIGHTS_FILE])

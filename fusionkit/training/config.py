@@ -55,7 +55,7 @@ class DataConfig:
         num_workers: DataLoader worker processes (0 = load in the main process).
         on_error: ``skip`` bad rows (counted and logged) or ``raise`` on the first one.
 
-    Example:
+    Examples:
         >>> parse_section(DataConfig, {"train": "train.csv", "batch_size": 8}, "data").batch_size
         8
     """
@@ -115,7 +115,7 @@ class TrainConfig:
         save_every_steps: Also checkpoint ``last/`` every N optimizer steps (0 = epoch ends).
         deterministic: Ask torch for deterministic algorithms (``warn_only``).
 
-    Example:
+    Examples:
         >>> parse_section(TrainConfig, {"epochs": 3, "lr": 5e-4}, "train").lr
         0.0005
     """
@@ -181,7 +181,7 @@ def parse_section(cls: type[_Section], raw: Mapping[str, Any] | None, path: str)
         ConfigError: Not a mapping, an unknown key (with a "did you mean"), a wrong type or an
             out-of-range value; the message starts with the key path.
 
-    Example:
+    Examples:
         >>> parse_section(TrainConfig, {"epoch": 3}, "train")
         Traceback (most recent call last):
         fusionkit.errors.ConfigError: train.epoch: unknown key; did you mean 'epochs'? ...

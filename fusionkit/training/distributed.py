@@ -17,7 +17,7 @@ The pieces that make a distributed run equal a single-process run with the same
   norm) are found once by :func:`unused_parameters` and frozen before DDP wraps the model, so
   DDP runs with ``find_unused_parameters=False``.
 
-Example:
+Examples:
     >>> ctx = init_distributed(torch.device("cpu"))
     >>> ctx.world_size, ctx.is_main
     (1, True)
@@ -72,7 +72,7 @@ class DistContext:
         owns_group: Whether :func:`init_distributed` created the process group (and
             :func:`shutdown` should destroy it).
 
-    Example:
+    Examples:
         >>> DistContext(0, 1, 0, torch.device("cpu")).distributed
         False
     """
@@ -105,7 +105,7 @@ def env_rank() -> int:
     Returns:
         ``int(RANK)`` or 0.
 
-    Example:
+    Examples:
         >>> env_rank()
         0
     """
@@ -122,7 +122,7 @@ def init_distributed(device: torch.device) -> DistContext:
         The context. With ``WORLD_SIZE`` > 1 the default process group is initialised from
         the environment (``env://``) unless the caller already did.
 
-    Example:
+    Examples:
         >>> init_distributed(torch.device("cpu")).world_size
         1
     """
@@ -172,7 +172,7 @@ def local_main_first(ctx: DistContext) -> Iterator[None]:
     Args:
         ctx: The context.
 
-    Example:
+    Examples:
         >>> with local_main_first(ctx):
         ...     features = encode_dataset(model, dataset, cache_dir, key)  # doctest: +SKIP
     """
@@ -210,7 +210,7 @@ def shard(indices: Sequence[int], ctx: DistContext) -> list[int]:
     Returns:
         The indices this rank trains on; empty when the batch has fewer samples than ranks.
 
-    Example:
+    Examples:
         >>> shard(list(range(5)), DistContext(1, 2, 1, torch.device("cpu")))
         [3, 4]
     """
@@ -273,7 +273,7 @@ def sharded_loss(
         ``(loss, global_loss)``: the loss to backpropagate on this rank, and the detached
         loss of the whole global batch (equal on every rank; NaN if any rank's is).
 
-    Example:
+    Examples:
         >>> loss, logged = sharded_loss(model.head, out.logits, batch.targets, ctx)
         ... # doctest: +SKIP
     """
@@ -317,7 +317,7 @@ def unused_parameters(
         Names of parameters that get no gradient anywhere (they are safe to freeze: the
         optimizer would skip them anyway).
 
-    Example:
+    Examples:
         >>> unused_parameters(model, lambda: model.loss(model(**inputs), targets), ctx)
         ... # doctest: +SKIP
         ['text.model.pooler.dense.weight', 'text.model.pooler.dense.bias']
@@ -373,7 +373,7 @@ def parameters_digest(model: nn.Module) -> str:
     Returns:
         A hex digest.
 
-    Example:
+    Examples:
         >>> parameters_digest(nn.Linear(2, 2)) == parameters_digest(nn.Linear(2, 2))
         False
     """

@@ -48,7 +48,7 @@ def forward_batch(model: Any, batch: Any, device: torch.device | str) -> Any:
     Returns:
         The model's :class:`~fusionkit.models.CMACLIPOutput`.
 
-    Example:
+    Examples:
         >>> output = forward_batch(model, batch, "cpu")  # doctest: +SKIP
     """
     return model.forward_head(*batch_tokens(model, batch, device))
@@ -92,7 +92,7 @@ def collect_outputs(
     Returns:
         The concatenated :class:`EvalOutputs`.
 
-    Example:
+    Examples:
         >>> outputs = collect_outputs(model, loader, "cpu")  # doctest: +SKIP
     """
     device = torch.device(device)
@@ -157,7 +157,7 @@ def compute_report(
     Raises:
         ConfigError: A precision is not in (0, 1].
 
-    Example:
+    Examples:
         >>> report = compute_report(outputs, model.tasks, model.modalities)  # doctest: +SKIP
         >>> report["tasks"]["color"]["recall_at_precision"]["0.9"]  # doctest: +SKIP
         0.84
@@ -219,7 +219,7 @@ def format_report(report: Mapping[str, Any]) -> str:
     Returns:
         The table.
 
-    Example:
+    Examples:
         >>> print(format_report(report))  # doctest: +SKIP
         task      accuracy  macro-F1  R@P0.9  majority  weights
     """
@@ -276,7 +276,7 @@ def evaluate_checkpoint(
         ConfigError: No data set given and none in the config.
         DataError: The manifest cannot be read or has no usable sample.
 
-    Example:
+    Examples:
         >>> report = evaluate_checkpoint("runs/quickstart")  # doctest: +SKIP
     """
     from fusionkit.data import ManifestDataset, build_image_transform, make_collate

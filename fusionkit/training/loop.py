@@ -113,7 +113,7 @@ def resolve_device(name: str = "auto") -> torch.device:
     Raises:
         ConfigError: CUDA asked for but not available, or an unknown name.
 
-    Example:
+    Examples:
         >>> resolve_device("cpu")
         device(type='cpu')
     """
@@ -140,7 +140,7 @@ def resolve_run_dir(path: str | os.PathLike[str]) -> Path:
     Returns:
         The folder holding ``config.yaml`` and ``model.safetensors``.
 
-    Example:
+    Examples:
         >>> resolve_run_dir("runs/quickstart")  # doctest: +SKIP
         PosixPath('runs/quickstart/best')
     """
@@ -163,7 +163,7 @@ def image_data_config(model: Any, image_size: int | None) -> dict[str, Any]:
     Returns:
         A data config for :func:`~fusionkit.data.build_image_transform`.
 
-    Example:
+    Examples:
         >>> image_data_config(model, 96)["input_size"]  # doctest: +SKIP
         (3, 96, 96)
     """
@@ -204,7 +204,7 @@ def build_run_config(
         ConfigError: An invalid config, or no tasks and no training data to infer them from.
         DataError: The training manifest cannot be read.
 
-    Example:
+    Examples:
         >>> config = build_run_config(train="train.csv", val="val.csv")  # doctest: +SKIP
     """
     from fusionkit.data import infer_tasks
@@ -325,7 +325,7 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
         ConfigError: ``fp16`` on a device other than CUDA (float16 training needs a gradient
             scaler and CUDA kernels; use ``bf16`` or ``fp32`` there).
 
-    Example:
+    Examples:
         >>> resolve_precision("auto", torch.device("cpu")) is None
         True
     """
@@ -433,7 +433,7 @@ class Trainer:
         ConfigError: Invalid ``data``/``train`` sections, a missing ``data.train`` or
             ``train.precision: fp16`` without CUDA.
 
-    Example:
+    Examples:
         >>> result = Trainer(build_run_config("configs/quickstart.yaml"), "runs/q").fit()
         ... # doctest: +SKIP
     """
@@ -762,7 +762,7 @@ class Trainer:
             DataError: A manifest cannot be read or has no usable sample.
             CheckpointError: ``resume`` found a checkpoint that cannot be loaded.
 
-        Example:
+        Examples:
             >>> Trainer(config, "runs/x").fit().best_score  # doctest: +SKIP
         """
         self.ctx = init_distributed(self.device)
@@ -926,7 +926,7 @@ def train(
         ConfigError: Invalid config.
         DataError: Unreadable data.
 
-    Example:
+    Examples:
         >>> result = train("configs/quickstart.yaml", "runs/quickstart")  # doctest: +SKIP
     """
     from fusionkit.models import ModelConfig

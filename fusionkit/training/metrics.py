@@ -43,7 +43,7 @@ def valid_rows(targets: Tensor) -> Tensor:
     Returns:
         The mask of labelled samples.
 
-    Example:
+    Examples:
         >>> valid_rows(torch.tensor([1, -100, 0])).tolist()
         [True, False, True]
     """
@@ -62,7 +62,7 @@ def one_hot_targets(targets: Tensor, num_classes: int) -> Tensor:
     Returns:
         Bool ``(N_labelled, C)``.
 
-    Example:
+    Examples:
         >>> one_hot_targets(torch.tensor([1, -100]), 3).tolist()
         [[False, True, False]]
     """
@@ -89,7 +89,7 @@ def accuracy(scores: Tensor, targets: Tensor, multi_label: bool = False) -> floa
     Returns:
         A number in [0, 1]; NaN when no sample is labelled.
 
-    Example:
+    Examples:
         >>> accuracy(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([0, 0]))
         0.5
     """
@@ -117,7 +117,7 @@ def macro_f1(scores: Tensor, targets: Tensor, multi_label: bool = False) -> floa
     Returns:
         A number in [0, 1]; NaN when no sample is labelled.
 
-    Example:
+    Examples:
         >>> macro_f1(torch.tensor([[0.9, 0.1], [0.2, 0.8]]), torch.tensor([0, 0]))
         0.3333333333333333
     """
@@ -168,7 +168,7 @@ def recall_at_precision(
     Raises:
         ValueError: ``precision`` is not in (0, 1].
 
-    Example:
+    Examples:
         >>> scores = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7]])
         >>> recall_at_precision(scores, torch.tensor([0, 1, 1]), 0.9)[1]
         [1.0, 0.5]
@@ -201,7 +201,7 @@ def majority_rate(targets: Tensor, multi_label: bool = False) -> float:
     Returns:
         A number in [0, 1]; NaN when no sample is labelled.
 
-    Example:
+    Examples:
         >>> majority_rate(torch.tensor([2, 2, 1, -100]))
         0.6666666666666666
     """

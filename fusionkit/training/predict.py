@@ -1,6 +1,6 @@
 """Prediction with a trained checkpoint: labels, scores and modality weights per task.
 
-Example:
+Examples:
     >>> predictor = Predictor.from_pretrained("runs/quickstart/best")  # doctest: +SKIP
     >>> predictor.predict(images=["shirt.png"], texts=["red striped tee"])[0]["color"]["label"]
     ... # doctest: +SKIP
@@ -36,7 +36,7 @@ class Predictor:
         device: Where to run.
         batch_size: Samples per forward pass.
 
-    Example:
+    Examples:
         >>> predictor = Predictor.from_pretrained("runs/quickstart")  # doctest: +SKIP
         >>> predictor.predict(texts=["navy polka dot dress"])  # doctest: +SKIP
         [{'color': {'label': 'blue', 'score': 0.97, ...}, ...}]
@@ -71,7 +71,7 @@ class Predictor:
         Raises:
             CheckpointError: The checkpoint cannot be loaded.
 
-        Example:
+        Examples:
             >>> predictor = Predictor.from_pretrained("runs/quickstart/best")  # doctest: +SKIP
         """
         from fusionkit.data import build_image_transform
@@ -139,7 +139,7 @@ class Predictor:
             DataError: No input, lists of different lengths, an unreadable image, or a
                 modality the model does not have.
 
-        Example:
+        Examples:
             >>> predictor.predict(texts=["red tee"], images=["tee.png"])  # doctest: +SKIP
         """
         if images is None and texts is None:
@@ -191,7 +191,7 @@ class Predictor:
         Raises:
             DataError: Unreadable manifest, or an unknown output format.
 
-        Example:
+        Examples:
             >>> predictor.predict_manifest("test.csv", "predictions.csv")  # doctest: +SKIP
         """
         from fusionkit.data import ManifestDataset
