@@ -21,12 +21,14 @@ Corruptions:
 
 The corrupted samples at p = 0.25 are among those at 0.5, and so on (nested subsets), so the
 curves differ only by the added corruption. Reported: group and subgroup accuracy and the mean
-modality weights (text / image) of the CMA-CLIP models per p. Writes
+modality weights (text / image) of the CMA-CLIP models per p, and their text weight on the
+corrupted and on the clean samples of each corrupted test set (does the weight react to the
+sample?). Writes
 ``docs/results/robustness_emoji.md`` and ``docs/results/robustness_emoji.png``.
 
 Run from the repository root after ``benchmarks/accuracy_emoji.py``:
-``python benchmarks/robustness_emoji.py`` (about 25 minutes on 2 CPU cores: three trainings
-and 48 evaluations).
+``python benchmarks/robustness_emoji.py`` (about 30 minutes on 2 CPU cores: three trainings,
+48 evaluations and 12 prediction passes).
 """
 
 from __future__ import annotations
@@ -121,6 +123,40 @@ def corrupted_manifest(kind: str, rate: float, seed: int = 0) -> Path:
     return path
 
 
+def corrupted_rows(manifest: Path) -> list[bool]:
+    """Which samples of a :func:`corrupted_manifest` were corrupted, in manifest order."""
+    clean = _read(DATA / "test.csv")
+    return [
+        row["text"] != original["text"]
+        or Path(row["image"]) != (DATA / original["image"]).absolute()
+        for row, original in zip(_read(manifest), clean, strict=True)
+    ]
+
+
+def weights_by_corruption(run: Path, manifest: Path) -> dict[str, float]:
+    """Mean group-task text weight of a model on the corrupted and on the clean samples.
+
+    Args:
+        run: A run folder (its :data:`CHECKPOINT` is used).
+        manifest: A :func:`corrupted_manifest` with some samples corrupted and some not.
+
+    Returns:
+        ``{"corrupted": ..., "clean": ...}``.
+    """
+    from fusionkit.training import Predictor
+
+    rows = _read(manifest)
+    predictor = Predictor.from_pretrained(run / CHECKPOINT, device="cpu")
+    outputs = predictor.predict(images=[row["image"] for row in rows],
+                                texts=[row["text"] for row in rows])
+    split: dict[str, list[float]] = {"corrupted": [], "clean": []}
+    for output, corrupted in zip(outputs, corrupted_rows(manifest), strict=True):
+        split["corrupted" if corrupted else "clean"].append(
+            output["group"]["modality_weights"]["text"]
+        )
+    return {name: sum(values) / len(values) for name, values in split.items()}
+
+
 def model_run(model: str) -> Path:
     """The run folder of ``model``; the ``+swap`` models are trained on first use.
 
@@ -171,7 +207,7 @@ def _plot(results: dict[str, dict[str, dict[float, dict[str, Any]]]]) -> None:
                 results[model][kind][rate]["tasks"]["group"]["modality_weights"]["text"]
                 for rate in RATES
             ]
-            bottom.plot(RATES, values, "-o" if "swap" in model else "--s",
+            bottom.plot(RATES, values, "-o" if "swap" in model else "--s", color="C0",
                         label=f"{model}: text weight (group)")
         bottom.set_title(f"corrupted test {kind}s: CMA-CLIP text weight (image = 1 - text)")
         bottom.set_xlabel("fraction of test samples corrupted")
@@ -233,6 +269,24 @@ def main() -> None:
                 for model in ("cma_clip", "cma_clip+swap")
             )
             lines.append(f"| {kind} | {rate:.2f} | {accuracies} | {weights} |")
+    lines += [
+        "",
+        "Does the modality-wise attention react to the sample in front of it? The mean "
+        "group-task text weight of the CMA-CLIP models on the corrupted samples and on the "
+        "clean samples of the same corrupted test set:",
+        "",
+        "| corrupted | p | cma_clip: corrupted / clean | cma_clip+swap: corrupted / clean |",
+        "|---|---|---|---|",
+    ]
+    for kind in KINDS:
+        for rate in RATES[1:]:
+            manifest = WORK / f"{kind}-{rate}" / "test.csv"
+            cells = " | ".join(
+                "{corrupted:.3f} / {clean:.3f}".format(**weights_by_corruption(runs[model],
+                                                                              manifest))
+                for model in ("cma_clip", "cma_clip+swap")
+            )
+            lines.append(f"| {kind} | {rate:.2f} | {cells} |")
     lines += ["", "![Accuracy and modality weights vs p](robustness_emoji.png)", ""]
     atomic_write_text(OUT, "\n".join(lines))
     _plot(results)
