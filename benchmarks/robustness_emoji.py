@@ -123,34 +123,31 @@ def corrupted_manifest(kind: str, rate: float, seed: int = 0) -> Path:
     return path
 
 
-def corrupted_rows(manifest: Path) -> list[bool]:
-    """Which samples of a :func:`corrupted_manifest` were corrupted, in manifest order."""
+def corrupted_rows(rows: list[dict[str, str]]) -> list[bool]:
+    """Which rows of a :func:`corrupted_manifest` were corrupted, in manifest order."""
     clean = _read(DATA / "test.csv")
     return [
         row["text"] != original["text"]
         or Path(row["image"]) != (DATA / original["image"]).absolute()
-        for row, original in zip(_read(manifest), clean, strict=True)
+        for row, original in zip(rows, clean, strict=True)
     ]
 
 
-def weights_by_corruption(run: Path, manifest: Path) -> dict[str, float]:
+def weights_by_corruption(predictor: Any, manifest: Path) -> dict[str, float]:
     """Mean group-task text weight of a model on the corrupted and on the clean samples.
 
     Args:
-        run: A run folder (its :data:`CHECKPOINT` is used).
+        predictor: A ``fusionkit.training.Predictor`` of the model.
         manifest: A :func:`corrupted_manifest` with some samples corrupted and some not.
 
     Returns:
         ``{"corrupted": ..., "clean": ...}``.
     """
-    from fusionkit.training import Predictor
-
     rows = _read(manifest)
-    predictor = Predictor.from_pretrained(run / CHECKPOINT, device="cpu")
     outputs = predictor.predict(images=[row["image"] for row in rows],
                                 texts=[row["text"] for row in rows])
     split: dict[str, list[float]] = {"corrupted": [], "clean": []}
-    for output, corrupted in zip(outputs, corrupted_rows(manifest), strict=True):
+    for output, corrupted in zip(outputs, corrupted_rows(rows), strict=True):
         split["corrupted" if corrupted else "clean"].append(
             output["group"]["modality_weights"]["text"]
         )
@@ -190,12 +187,13 @@ def _plot(results: dict[str, dict[str, dict[float, dict[str, Any]]]]) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, len(KINDS), figsize=(11, 8), sharex=True)
+    configs = [model for model in MODELS if "+" not in model]
     for column, kind in enumerate(KINDS):
         top, bottom = axes[0][column], axes[1][column]
         for model in MODELS:
             values = [results[model][kind][rate]["tasks"]["group"]["accuracy"] for rate in RATES]
             # One colour per config; solid lines for the +swap models.
-            colour = f"C{[m.partition('+')[0] for m in MODELS].index(model.partition('+')[0])}"
+            colour = f"C{configs.index(model.partition('+')[0])}"
             top.plot(RATES, values, "-o" if "swap" in model else "--s", color=colour,
                      label=model)
         top.set_title(f"corrupted test {kind}s: group accuracy")
@@ -227,7 +225,7 @@ def main() -> None:
         >>> main()  # doctest: +SKIP
     """
     from fusionkit.io import atomic_write_text
-    from fusionkit.training import evaluate_checkpoint
+    from fusionkit.training import Predictor, evaluate_checkpoint
 
     results: dict[str, dict[str, dict[float, dict[str, Any]]]] = {m: {} for m in MODELS}
     runs = {model: model_run(model) for model in MODELS}
@@ -278,13 +276,15 @@ def main() -> None:
         "| corrupted | p | cma_clip: corrupted / clean | cma_clip+swap: corrupted / clean |",
         "|---|---|---|---|",
     ]
+    predictors = {model: Predictor.from_pretrained(runs[model] / CHECKPOINT, device="cpu")
+                  for model in ("cma_clip", "cma_clip+swap")}
     for kind in KINDS:
         for rate in RATES[1:]:
             manifest = WORK / f"{kind}-{rate}" / "test.csv"
             cells = " | ".join(
-                "{corrupted:.3f} / {clean:.3f}".format(**weights_by_corruption(runs[model],
+                "{corrupted:.3f} / {clean:.3f}".format(**weights_by_corruption(predictor,
                                                                               manifest))
-                for model in ("cma_clip", "cma_clip+swap")
+                for predictor in predictors.values()
             )
             lines.append(f"| {kind} | {rate:.2f} | {cells} |")
     lines += ["", "![Accuracy and modality weights vs p](robustness_emoji.png)", ""]
