@@ -1,8 +1,9 @@
 """``make demo``: the whole pipeline on the embedded synthetic catalogue, offline, on CPU.
 
 1. Generate the catalogue (1200 train / 300 val / 300 test at 96 px, 20% spoiled titles and
-   20% spoiled images, so neither modality alone is always right) under
-   ``runs/quickstart/data`` (kept and reused when the same parameters were used before).
+   20% spoiled images, so neither modality alone is always right): the named data source
+   ``synthetic``, built into the data cache on first use and reused afterwards (see
+   :mod:`fusionkit.data.sources`).
 2. Train ``configs/quickstart.yaml``: offline pretrained CMA-CLIP with frozen backbones, so
    the encoders run once per split (feature cache) and each epoch trains only the fusion.
 3. Evaluate the best checkpoint on the test split and print accuracy, macro-F1, recall at
@@ -14,39 +15,26 @@ Examples:
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
 
+from fusionkit.data.sources import CATALOGUE, STAMP, materialize_source, source_dir
+
 __all__ = ["CATALOGUE", "main"]
 
-#: Parameters of the demo catalogue.
-CATALOGUE = {
-    "train": 1200,
-    "val": 300,
-    "test": 300,
-    "seed": 0,
-    "text_noise": 0.2,
-    "image_noise": 0.2,
-    "image_size": 96,
-}
 _CONFIG = Path("configs/quickstart.yaml")
 _RUN = Path("runs/quickstart")
 
 
-def _catalogue(folder: Path) -> None:
-    from fusionkit.data import generate_catalogue
-    from fusionkit.io import write_json
-
-    stamp = folder / "catalogue.json"
-    if stamp.is_file() and json.loads(stamp.read_text()) == CATALOGUE:
+def _catalogue() -> None:
+    folder = source_dir("synthetic")
+    if (folder / STAMP).is_file():
         print(f"catalogue: reusing {folder}")
         return
-    generate_catalogue(folder, **CATALOGUE)
-    write_json(stamp, CATALOGUE)
+    materialize_source("synthetic", progress=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     from fusionkit.training import Trainer, build_run_config, evaluate_checkpoint, format_report
 
     started = time.perf_counter()
-    _catalogue(_RUN / "data")
+    _catalogue()
     generated = time.perf_counter()
     result = Trainer(build_run_config(_CONFIG), _RUN).fit()
     trained = time.perf_counter()

@@ -15,6 +15,7 @@ Examples:
 from __future__ import annotations
 
 from fusionkit.data.collate import Batch, SampleCollator, collate_samples, make_collate
+from fusionkit.data.columns import MODALITY_COLUMNS
 from fusionkit.data.manifest import (
     RESERVED_COLUMNS,
     ManifestDataset,
@@ -35,6 +36,7 @@ from fusionkit.data.transforms import build_image_transform, transform_key
 __all__ = [
     "CATALOGUE_TASKS",
     "CATALOGUE_VOCABULARY",
+    "MODALITY_COLUMNS",
     "RESERVED_COLUMNS",
     "SPLITS",
     "Batch",

@@ -33,6 +33,8 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
+from fusionkit.data.columns import MODALITY_COLUMNS, check_modalities, require_columns
+from fusionkit.data.sources import resolve_manifest
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.tasks import TaskSpec
 
@@ -172,7 +174,7 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
 def _read_manifest(path: str | Path) -> tuple[Path, list[str], list[tuple[int, dict[str, str]]]]:
     """Read a manifest's columns and rows as text cells, with the line each row starts on."""
     # Absolute, so image paths relative to it survive a later change of working directory.
-    manifest = Path(path).absolute()
+    manifest = resolve_manifest(path).absolute()
     kind = _SUFFIXES.get(manifest.suffix.lower())
     if kind is None:
         raise DataError(
@@ -218,7 +220,8 @@ def infer_tasks(
     """Infer the tasks and their classes from a manifest (normally the training split).
 
     Args:
-        manifest_path: A ``.csv``, ``.jsonl`` or ``.ndjson`` manifest.
+        manifest_path: A ``.csv``, ``.jsonl`` or ``.ndjson`` manifest, or a named source such
+            as ``synthetic:train``.
         task_names: The task columns; by default every column but ``image``, ``text`` and ``id``.
         multi_label: Tasks to treat as multi-label even if no cell holds ``|``.
 
@@ -356,32 +359,41 @@ class ManifestDataset(Dataset):
 
     - ``missing_image_file``: the image cell names a file that does not exist;
     - ``unknown_label``: a label is not among its task's classes;
-    - ``no_image_no_text``: both the image and the text cell are empty (always skipped).
+    - ``no_image_no_text``: every used modality's cell is empty (always skipped).
 
-    An empty text cell makes the text missing (``None``), an empty image cell the image; both
-    are counted in :attr:`missing_modalities`. An image that exists but cannot be decoded (corrupt,
-    truncated, or over Pillow's decompression-bomb limit) becomes a missing image when the sample
-    is loaded: :attr:`load_failures` counts such images (per process: each DataLoader worker has
-    its own copy) and each is logged once.
+    Only the columns of the used ``modalities`` are required and read: a text-only model's
+    manifest needs no ``image`` column, and its image cells (if any) are neither checked nor
+    loaded, so every sample's ``image`` is None. An empty text cell makes the text missing
+    (``None``), an empty image cell the image; both are counted in :attr:`missing_modalities`.
+    An image that exists but cannot be decoded (corrupt, truncated, or over Pillow's
+    decompression-bomb limit) becomes a missing image when the sample is loaded:
+    :attr:`load_failures` counts such images (per process: each DataLoader worker has its own
+    copy) and each is logged once.
 
     Args:
-        path: The ``.csv``, ``.jsonl`` or ``.ndjson`` manifest.
+        path: The ``.csv``, ``.jsonl`` or ``.ndjson`` manifest, or a named source such as
+            ``synthetic:train`` (see :func:`~fusionkit.data.sources.resolve_manifest`).
         tasks: Task name → :class:`TaskSpec`, e.g. from :func:`infer_tasks` on the training
             split; every task needs a column of that name.
         image_transform: Maps an RGB PIL image to a ``(3, H, W)`` float tensor; by default the
             pixels scaled to ``[0, 1]``.
         on_error: ``"skip"`` to skip and count bad rows, ``"raise"`` to raise on the first one.
+        modalities: The modality columns to read, a non-empty subset of ``("image", "text")``
+            (``model.modalities``); the others are neither required nor loaded.
 
     Raises:
-        DataError: The manifest cannot be read or lacks the ``image``, ``text`` or a task column;
-            a line is malformed; two rows share an id; or, with ``on_error="raise"``, a row names
-            a missing image file or an unknown label.
-        ConfigError: ``on_error`` or ``tasks`` is invalid.
+        DataError: The manifest cannot be read or lacks the column of a used modality or a
+            task; a line is malformed; two rows share an id; or, with ``on_error="raise"``, a
+            row names a missing image file or an unknown label.
+        ConfigError: ``on_error``, ``tasks`` or ``modalities`` is invalid.
 
     Examples:
         >>> data = ManifestDataset("train.csv", infer_tasks("train.csv"))  # doctest: +SKIP
         >>> sorted(data[0])  # doctest: +SKIP
         ['id', 'image', 'targets', 'text']
+        >>> texts = ManifestDataset("train.csv", tasks, modalities=("text",))  # doctest: +SKIP
+        >>> texts[0]["image"] is None  # doctest: +SKIP
+        True
     """
 
     def __init__(
@@ -391,6 +403,7 @@ class ManifestDataset(Dataset):
         image_transform: Callable[[Image.Image], torch.Tensor] | None = None,
         *,
         on_error: Literal["skip", "raise"] = "skip",
+        modalities: Sequence[str] = MODALITY_COLUMNS,
     ) -> None:
         if on_error not in ("skip", "raise"):
             raise ConfigError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
@@ -398,11 +411,9 @@ class ManifestDataset(Dataset):
             isinstance(spec, TaskSpec) for spec in tasks.values()
         ):
             raise ConfigError("tasks must map task names to TaskSpec objects")
+        self.modalities = check_modalities(modalities)
         self.path, columns, rows = _read_manifest(path)
-        for required in ("image", "text", *tasks):
-            if required not in columns:
-                kind = "task column" if required in tasks else "column"
-                raise DataError(f"{self.path}: no {kind} {required!r}; columns found: {columns}")
+        require_columns(self.path, columns, self.modalities, tasks)
 
         self.tasks: dict[str, TaskSpec] = dict(tasks)
         self.image_transform = image_transform
@@ -445,7 +456,7 @@ class ManifestDataset(Dataset):
             )
         seen_ids[sample_id] = line
 
-        image_cell = cells["image"].strip()
+        image_cell = cells["image"].strip() if "image" in self.modalities else ""
         image_path: Path | None = None
         if image_cell:
             # Path("/abs") joined to the folder stays absolute, so both kinds work.
@@ -457,7 +468,7 @@ class ManifestDataset(Dataset):
                     f"{where}: image file {str(image_path)!r} does not exist",
                 )
                 return None
-        text = cells["text"].strip() or None
+        text = (cells["text"].strip() if "text" in self.modalities else "") or None
         if image_path is None and text is None:
             # Not an error: such a row has nothing to learn from, whatever on_error says.
             self._skip("no_image_no_text", f"line {line}", None)
@@ -488,8 +499,9 @@ class ManifestDataset(Dataset):
             else:
                 targets[name] = known[labels[0]]
 
-        self.missing_modalities["image"] += int(image_path is None)
-        self.missing_modalities["text"] += int(text is None)
+        for modality, value in (("image", image_path), ("text", text)):
+            if modality in self.modalities:
+                self.missing_modalities[modality] += int(value is None)
         return ManifestRecord(sample_id, image_path, text, targets, line)
 
     def _log_summary(self, total: int) -> None:
