@@ -8,6 +8,7 @@ Examples:
     $ fusionkit evaluate --checkpoint runs/mine --data data/test.csv
     $ fusionkit predict --checkpoint runs/mine --image shirt.png --text "red striped tee" --json
     $ fusionkit data emoji --out data/emoji
+    $ fusionkit data icons --out data/icons
     $ fusionkit explain --checkpoint runs/mine --image shirt.png --text "red tee" --out fig.png
 """
 
@@ -58,6 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         "data.batch_size is then the global batch and only rank 0 writes OUTPUT.",
     )
     train.add_argument("--config", help="run config YAML (model + data + train sections)")
+    train.add_argument(
+        "--preset",
+        help="training recipe: fast (frozen encoders, cached features), medium (text encoder "
+        "fine-tuned; the default without --config) or best (both fine-tuned); with --config "
+        "it fills in what the config leaves out",
+    )
     train.add_argument("--train", help="training manifest (overrides data.train)")
     train.add_argument(
         "--val",
@@ -99,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_data_parser(commands: Any) -> None:
-    """Register ``fusionkit data {emoji,food101,fashiongen}``: build or convert a data set."""
+    """Register ``fusionkit data <set>``: build (emoji, icons, synthetic) or convert a data set."""
     data = commands.add_parser("data", help="build or convert a data set into manifests")
     sets = data.add_subparsers(dest="dataset", required=True)
     emoji = sets.add_parser(
@@ -113,6 +120,23 @@ def _add_data_parser(commands: Any) -> None:
         "--drop-flag-prefix", action="store_true",
         help="remove 'flag:' from the texts of flags (it names their group)",
     )
+    icons = sets.add_parser(
+        "icons", help="the icons set, built offline from Debian icon themes (no download)"
+    )
+    icons.add_argument("--out", required=True, help="output folder")
+    icons.add_argument("--seed", type=int, default=0, help="seed of the split")
+    icons.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    icons.add_argument("--max-per-context", type=int, default=400,
+                       help="keep at most this many icon names per context")
+    synthetic = sets.add_parser(
+        "synthetic", help="the synthetic catalogue (the data of synthetic:<split> and make demo)"
+    )
+    synthetic.add_argument("--out", required=True, help="output folder")
+    synthetic.add_argument("--seed", type=int, default=0, help="seed of every random choice")
+    for split in ("train", "val", "test"):
+        synthetic.add_argument(
+            f"--{split}", type=int, help=f"{split} samples (default: as synthetic:{split})"
+        )
     food = sets.add_parser("food101", help="convert a local copy of UPMC Food-101")
     food.add_argument("--root", required=True, help="folder holding images/ and texts/")
     food.add_argument("--out", required=True, help="output folder (manifests)")
@@ -145,7 +169,7 @@ def _add_explain_parser(commands: Any) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from fusionkit.training import Trainer, build_run_config
+    from fusionkit.training import Trainer, build_run_config, format_report
     from fusionkit.training.distributed import env_rank
 
     if env_rank() > 0:
@@ -164,8 +188,10 @@ def _train(args: argparse.Namespace) -> int:
         epochs=args.epochs,
         seed=args.seed,
         device=args.device,
+        preset=args.preset,
     )
-    result = Trainer(config, args.output, resume=args.resume, progress=not args.quiet).fit()
+    trainer = Trainer(config, args.output, resume=args.resume, progress=not args.quiet)
+    result = trainer.fit()
     if env_rank() > 0:
         return 0
     last = result.history[-1] if result.history else {}
@@ -173,6 +199,8 @@ def _train(args: argparse.Namespace) -> int:
         print(f"trained {len(result.history)} epoch(s) without validation")
         print(f"checkpoint: {result.last_dir} (final weights)")
         return 0
+    if trainer.val_report is not None:
+        print(f"validation, best checkpoint:\n{format_report(trainer.val_report)}")
     print(
         f"trained {len(result.history)} epoch(s); best mean val accuracy "
         f"{result.best_score:.4f}; last {last['val_mean_accuracy']:.4f}"
@@ -251,6 +279,23 @@ def _data(args: argparse.Namespace) -> int:
             progress=not args.quiet,
         )
         counts = {split: sum(groups.values()) for split, groups in split_counts(paths).items()}
+    elif args.dataset == "icons":
+        from fusionkit.data import icons
+
+        paths = icons.build_icons_dataset(
+            args.out, seed=args.seed, image_size=args.image_size,
+            max_per_context=args.max_per_context, progress=not args.quiet,
+        )
+        counts = {split: sum(found.values()) for split, found in icons.split_counts(paths).items()}
+    elif args.dataset == "synthetic":
+        from fusionkit.data import generate_catalogue
+        from fusionkit.data.sources import CATALOGUE
+
+        sizes = {split: getattr(args, split) for split in ("train", "val", "test")}
+        params = {**CATALOGUE, "seed": args.seed}
+        params |= {split: size for split, size in sizes.items() if size is not None}
+        paths = generate_catalogue(args.out, **params, progress=not args.quiet)
+        counts = {split: params[split] for split in paths}
     elif args.dataset == "food101":
         from fusionkit.data.public import convert_food101
 

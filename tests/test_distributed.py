@@ -119,8 +119,10 @@ def assert_identical_replicas(folder):
 
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_resume(catalogue, bert_without_dropout, tmp_path):
-    # Trainable text encoder: no feature cache, DDP over BERT, whose pooler gets no gradient.
+    # Trainable text encoder: no feature cache, DDP over BERT, whose pooler gets no gradient;
+    # unimodal heads beside the fused one, so the sharded loss sums every head's term.
     config = tiny_config(catalogue, bert_without_dropout, tmp_path, train_text=True)
+    config["unimodal_heads"] = {"loss_weight": 0.5}
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     two = tmp_path / "two"

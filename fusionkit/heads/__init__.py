@@ -1,5 +1,5 @@
 """Multi-task heads and their losses."""
 
-from fusionkit.heads.multitask import MultiTaskHead, task_loss
+from fusionkit.heads.multitask import MultiTaskHead, hide_labels, task_loss
 
-__all__ = ["MultiTaskHead", "task_loss"]
+__all__ = ["MultiTaskHead", "hide_labels", "task_loss"]

@@ -13,7 +13,7 @@ from fusionkit.errors import ShapeError
 from fusionkit.registry import register
 from fusionkit.tasks import MISSING_LABEL, TaskSpec, parse_tasks
 
-__all__ = ["MultiTaskHead", "task_loss"]
+__all__ = ["MultiTaskHead", "hide_labels", "task_loss"]
 
 
 def task_loss(
@@ -63,6 +63,34 @@ def task_loss(
     if not bool(keep.any()):
         return logits.sum() * 0.0
     return F.cross_entropy(logits[keep], target[keep], weight=class_weight)
+
+
+def hide_labels(targets: Mapping[str, Tensor], keep: Tensor | None = None) -> dict[str, Tensor]:
+    """The targets with the labels of some samples marked missing (ignored by the losses).
+
+    Args:
+        targets: Task → ``(B,)`` class indices or ``(B, C)`` float multi-hot.
+        keep: ``(B,)`` bool, False = hide that sample's labels; ``None`` hides every label.
+
+    Returns:
+        Task → targets with hidden rows set to ``-100`` (single-label) or NaN (multi-label).
+
+    Examples:
+        >>> hide_labels({"color": torch.tensor([1, 2])}, torch.tensor([True, False]))
+        {'color': tensor([   1, -100])}
+    """
+    out = {}
+    for task, target in targets.items():
+        hide = (
+            torch.ones(target.shape[0], dtype=torch.bool, device=target.device)
+            if keep is None
+            else ~keep.to(target.device)
+        )
+        if target.is_floating_point():
+            out[task] = target.masked_fill(hide[:, None], float("nan"))
+        else:
+            out[task] = target.masked_fill(hide, MISSING_LABEL)
+    return out
 
 
 @register("head", "mlp")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from fusionkit import registry
 from fusionkit.encoders.base import check_images
 from fusionkit.errors import CheckpointError, ShapeError
-from fusionkit.heads import MultiTaskHead
+from fusionkit.heads import MultiTaskHead, hide_labels
 from fusionkit.io import (
     load_weights,
     read_yaml,
@@ -25,6 +25,7 @@ from fusionkit.io import (
     write_yaml,
 )
 from fusionkit.models.config import ModelConfig
+from fusionkit.models.unimodal import LateFusionBlend, UnimodalHeads, masked_mean
 
 __all__ = [
     "CMACLIP",
@@ -43,7 +44,10 @@ class CMACLIPOutput:
     """What `CMACLIP` returns.
 
     Attributes:
-        logits: Task → ``(B, num_classes)``.
+        logits: Task → ``(B, num_classes)``: the model's final scores. Without unimodal heads
+            these are the fused head's logits; with them, the late-fusion blend of the fused
+            and unimodal heads (log-probabilities for single-label tasks, see
+            `fusionkit.models.unimodal.LateFusionBlend`).
         modality_weights: Task → ``(B, M)``, columns in ``model.modalities`` order; each row
             sums to 1 over the sample's present modalities, an absent one gets exactly 0.
         embeddings: Task → fused embedding ``(B, dim)`` fed to that task's head.
@@ -60,11 +64,17 @@ class CMACLIPOutput:
     present: dict[str, Tensor]
     attentions: list[Tensor] | None = None
     spans: dict[str, tuple[int, int]] | None = field(default=None)
+    fused_logits: dict[str, Tensor] | None = None
+    unimodal_logits: dict[str, dict[str, Tensor]] | None = None
 
+    def source_logits(self) -> dict[str, dict[str, Tensor]]:
+        """Source (``fused`` and each modality with a head of its own) → task → logits.
 
-def _masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
-    weights = mask.to(tokens.dtype)[..., None]
-    return (tokens * weights).sum(1) / weights.sum(1).clamp(min=1.0)
+        Empty for a model without unimodal heads: its ``logits`` are the fused head's.
+        """
+        if self.fused_logits is None or self.unimodal_logits is None:
+            return {}
+        return {"fused": self.fused_logits, **self.unimodal_logits}
 
 
 class _Pool(nn.Module):
@@ -76,7 +86,7 @@ class _Pool(nn.Module):
         self.proj = nn.Sequential(nn.Linear(width, dim), nn.LayerNorm(dim))
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        pooled = tokens[:, 0] if self.first_token else _masked_mean(tokens, mask)
+        pooled = tokens[:, 0] if self.first_token else masked_mean(tokens, mask)
         return self.proj(pooled)
 
 
@@ -160,6 +170,13 @@ class CMACLIP(nn.Module):
         self.head: MultiTaskHead = registry.create(
             "head", config.head.name, dim=dim, tasks=config.tasks, **config.head.options
         )
+        self.unimodal: UnimodalHeads | None = None
+        self.blend: LateFusionBlend | None = None
+        if config.unimodal_loss_weight is not None:
+            self.unimodal = UnimodalHeads(
+                widths, dim, config.tasks, config.head.name, config.head.options
+            )
+            self.blend = LateFusionBlend(config.tasks, self.modalities)
 
     def _encoder(self, modality: str) -> nn.Module:
         encoder = self.vision if modality == "image" else self.text
@@ -265,14 +282,21 @@ class CMACLIP(nn.Module):
         embeddings, weights = {}, {}
         for task, fusion in self.modality_fusion.items():
             embeddings[task], weights[task] = fusion(summaries, present)
+        logits = fused = self.head(embeddings)
+        unimodal = None
+        if self.unimodal is not None and self.blend is not None:
+            unimodal = self.unimodal(tokens, masks)
+            logits = self.blend(fused, unimodal, present)
         return CMACLIPOutput(
-            logits=self.head(embeddings),
+            logits=logits,
             modality_weights=weights,
             embeddings=embeddings,
             summaries=summaries,
             present=present,
             attentions=attentions,
             spans=spans,
+            fused_logits=fused if unimodal is not None else None,
+            unimodal_logits=unimodal,
         )
 
     def forward(
@@ -292,9 +316,38 @@ class CMACLIP(nn.Module):
         tokens, masks = self.forward_features(images, texts, text_inputs, present)
         return self.forward_head(tokens, masks, return_attention=return_attention)
 
+    def loss_terms(
+        self, output: CMACLIPOutput, targets: Mapping[str, Tensor]
+    ) -> list[tuple[MultiTaskHead, dict[str, Tensor], Mapping[str, Tensor], float]]:
+        """The training objective as ``(head, logits, targets, weight)`` terms.
+
+        The fused head has weight 1; with unimodal heads, each modality's head has the
+        configured loss weight, and the samples that lack that modality have their labels
+        hidden from it.
+
+        Args:
+            output: The model's output on a batch.
+            targets: Task → the batch's targets.
+
+        Returns:
+            The terms; the loss is the sum of ``weight * head.loss(logits, targets)``.
+        """
+        fused = output.logits if output.fused_logits is None else output.fused_logits
+        terms = [(self.head, fused, targets, 1.0)]
+        if self.unimodal is not None and output.unimodal_logits is not None:
+            weight = float(self.config.unimodal_loss_weight or 0.0)
+            for modality, logits in output.unimodal_logits.items():
+                kept = hide_labels(targets, output.present[modality])
+                terms.append((self.unimodal.heads[modality], logits, kept, weight))
+        return terms
+
     def loss(self, output: CMACLIPOutput, targets: Mapping[str, Tensor]) -> Tensor:
-        """The multi-task loss (see `fusionkit.heads.MultiTaskHead.loss`)."""
-        return self.head.loss(output.logits, targets)
+        """The training loss: the multi-task loss (see `fusionkit.heads.MultiTaskHead.loss`)
+        of the fused head, plus the weighted losses of the unimodal heads when the model has
+        them (see `loss_terms`).
+        """
+        terms = self.loss_terms(output, targets)
+        return torch.stack([w * head.loss(lg, t) for head, lg, t, w in terms]).sum()
 
     def frozen_prefixes(self) -> list[str]:
         """State-dict prefixes of the frozen encoders (their weights come from the config)."""

@@ -8,6 +8,7 @@ fusion:
   sequence: {name: transformer, dim: 256, layers: 1, heads: 4, attention_backend: auto}
   modality: {name: keyless}
 head: {name: mlp, hidden_dim: 256, dropout: 0.1}
+unimodal_heads: {loss_weight: 1.0}    # optional: a head per modality, trained beside the fused one
 tasks:
   color:   {classes: [black, blue, red]}
   pattern: {classes: [plain, striped, floral], multi_label: true}
@@ -62,7 +63,9 @@ DEFAULT_TEXT: dict[str, Any] = {
     "max_length": 64,
 }
 DEFAULT_DIM = 256
-TOP_LEVEL_KEYS = ("model", "vision", "text", "fusion", "head", "tasks", "data", "train")
+TOP_LEVEL_KEYS = (
+    "model", "vision", "text", "fusion", "head", "unimodal_heads", "tasks", "data", "train"
+)
 #: Sections owned by other layers, passed through unvalidated here.
 PASS_THROUGH = ("data", "train")
 
@@ -141,6 +144,25 @@ def _string_keyed_tasks(tasks: Any) -> Any:
                         "accepted: classes, multi_label, num_classes, weight"
                     )
     return tasks
+
+
+def _unimodal_loss_weight(section: Any) -> float | None:
+    """Read ``unimodal_heads``: null (no unimodal heads) or ``{loss_weight: w}`` (default 1)."""
+    if section is None:
+        return None
+    if not isinstance(section, Mapping):
+        raise ConfigError(
+            f"unimodal_heads: expected a mapping such as {{loss_weight: 1.0}} or null, "
+            f"got {section!r}"
+        )
+    unknown = [str(k) for k in section if k != "loss_weight"]
+    if unknown:
+        hint = _did_you_mean(unknown[0], ["loss_weight"])
+        raise ConfigError(f"unimodal_heads.{unknown[0]}: unknown key; {hint}")
+    weight = section.get("loss_weight", 1.0)
+    if not matches_type(weight, float) or weight <= 0:
+        raise ConfigError(f"unimodal_heads.loss_weight: expected a number > 0, got {weight!r}")
+    return float(weight)
 
 
 @dataclass
@@ -322,6 +344,10 @@ class ModelConfig:
         text: The text encoder, or ``None`` for an image-only model.
         fusion: The fusion section.
         head: The head (``mlp`` by default).
+        unimodal_loss_weight: With ``unimodal_heads: {loss_weight: w}``, every modality also
+            gets heads of its own over its pooled encoder tokens, trained with weight ``w``
+            beside the fused head and blended with it after training (see
+            `fusionkit.models.unimodal`); ``None`` (the key left out or null): no such heads.
         tasks: Task name → `fusionkit.tasks.TaskSpec`.
         sections: The ``data`` and ``train`` sections, as given, for the training layer.
 
@@ -338,6 +364,7 @@ class ModelConfig:
     head: ComponentConfig
     tasks: dict[str, TaskSpec]
     sections: dict[str, Any] = field(default_factory=dict)
+    unimodal_loss_weight: float | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -401,6 +428,7 @@ class ModelConfig:
             ),
             tasks=parse_tasks(_string_keyed_tasks(config["tasks"])),
             sections=sections,
+            unimodal_loss_weight=_unimodal_loss_weight(config.get("unimodal_heads")),
         )
 
     @classmethod
@@ -427,5 +455,7 @@ class ModelConfig:
             "head": self.head.to_dict(),
             "tasks": {name: spec.to_dict() for name, spec in self.tasks.items()},
         }
+        if self.unimodal_loss_weight is not None:
+            out["unimodal_heads"] = {"loss_weight": self.unimodal_loss_weight}
         out.update(copy.deepcopy(self.sections))
         return out

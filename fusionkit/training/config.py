@@ -6,9 +6,9 @@ naming the key path (``train.lr``) with a "did you mean" hint.
 
 ```yaml
 data:
-  train: runs/quickstart/data/train.csv   # relative paths are read from the working directory
-  val: runs/quickstart/data/val.csv
-  test: runs/quickstart/data/test.csv
+  train: data/train.csv                    # relative paths are read from the working directory
+  val: data/val.csv
+  test: synthetic:test                     # or a named data source, built on first use
   image_size: 96                           # overrides the backbone's input size
   batch_size: 32
 train:
@@ -42,7 +42,8 @@ class DataConfig:
     """The ``data`` section: where the manifests are and how batches are built.
 
     Attributes:
-        train: Training manifest (``.csv`` / ``.jsonl``).
+        train: Training manifest (``.csv`` / ``.jsonl``) or named data source
+            (``synthetic:train``, see :mod:`fusionkit.data.sources`).
         val: Validation manifest, used for per-epoch metrics and the best checkpoint; without
             one the trainer validates nothing and keeps the final weights in ``last/``.
         test: Test manifest, used by ``fusionkit evaluate`` when no ``--data`` is given.
@@ -113,6 +114,10 @@ class TrainConfig:
         cache_dir: Folder of the feature cache (default ``~/.cache/fusionkit/features``).
         cache_dtype: Storage dtype of cached tokens.
         save_every_steps: Also checkpoint ``last/`` every N optimizer steps (0 = epoch ends).
+        best_metric: What picks the ``best/`` checkpoint among the validated epochs: the
+            highest mean validation ``accuracy`` over tasks, or the lowest validation ``loss``.
+        early_stopping: Stop after this many validated epochs without a better
+            ``best_metric``; 0 trains every epoch.
         deterministic: Ask torch for deterministic algorithms (``warn_only``).
 
     Examples:
@@ -140,11 +145,15 @@ class TrainConfig:
     cache_dir: str | None = None
     cache_dtype: Literal["float16", "float32"] = "float16"
     save_every_steps: int = 0
+    best_metric: Literal["accuracy", "loss"] = "accuracy"
+    early_stopping: int = 0
     deterministic: bool = True
 
     def __post_init__(self) -> None:
         _positive(self.epochs, "train.epochs")
-        for name in ("lr", "lr_backbone", "weight_decay", "grad_clip", "save_every_steps"):
+        for name in (
+            "lr", "lr_backbone", "weight_decay", "grad_clip", "save_every_steps", "early_stopping"
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
         for name in ("warmup_ratio", "min_lr_ratio", "modality_dropout", "modality_swap"):

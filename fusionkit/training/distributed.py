@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fusionkit.heads import hide_labels
 from fusionkit.tasks import MISSING_LABEL
 
 __all__ = [
@@ -228,12 +229,7 @@ def mask_targets(targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
     Returns:
         Task → ``-100`` everywhere (single-label) or NaN everywhere (multi-label).
     """
-    return {
-        task: torch.full_like(target, float("nan"))
-        if target.is_floating_point()
-        else torch.full_like(target, MISSING_LABEL)
-        for task, target in targets.items()
-    }
+    return hide_labels(targets)
 
 
 def _task_denominator(target: Tensor, spec: Any, class_weight: Tensor | None) -> Tensor:

@@ -32,6 +32,7 @@ __all__ = [
     "evaluate_checkpoint",
     "format_report",
     "forward_batch",
+    "fusion_warnings",
 ]
 
 
@@ -64,6 +65,9 @@ class EvalOutputs:
         weights: Task → ``(N, M)`` modality weights.
         loss: Mean loss over batches.
         ids: Sample ids in order.
+        sources: For a model with unimodal heads, source (``fused`` and each modality) →
+            task → ``(N, C)`` probabilities of that head alone; empty otherwise.
+        blend: Task → the model's blend weights per source (empty without unimodal heads).
     """
 
     scores: dict[str, Tensor] = field(default_factory=dict)
@@ -71,6 +75,8 @@ class EvalOutputs:
     weights: dict[str, Tensor] = field(default_factory=dict)
     loss: float = float("nan")
     ids: list[str] = field(default_factory=list)
+    sources: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    blend: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _amp(device: torch.device, enabled: bool) -> Any:
@@ -99,6 +105,7 @@ def collect_outputs(
     was_training = model.training
     model.eval()
     parts: dict[str, dict[str, list[Tensor]]] = {"scores": {}, "targets": {}, "weights": {}}
+    source_parts: dict[str, dict[str, list[Tensor]]] = {}
     losses: list[float] = []
     ids: list[str] = []
     try:
@@ -108,23 +115,32 @@ def collect_outputs(
                 losses.append(float(model.loss(output, batch.targets)))
             ids.extend(batch.ids)
             for task, logits in output.logits.items():
-                spec = model.tasks[task]
-                logits = logits.float()
-                probs = logits.sigmoid() if spec.multi_label else logits.softmax(dim=1)
-                parts["scores"].setdefault(task, []).append(probs.cpu())
+                parts["scores"].setdefault(task, []).append(_probabilities(logits, model, task))
                 parts["targets"].setdefault(task, []).append(batch.targets[task].cpu())
                 weights = output.modality_weights[task].float().cpu()
                 parts["weights"].setdefault(task, []).append(weights)
+            for source, logits_by_task in output.source_logits().items():
+                for task, logits in logits_by_task.items():
+                    probs = _probabilities(logits, model, task)
+                    source_parts.setdefault(source, {}).setdefault(task, []).append(probs)
     finally:
         model.train(was_training)
     joined = {kind: {t: torch.cat(v) for t, v in d.items()} for kind, d in parts.items()}
+    blend = getattr(model, "blend", None)
     return EvalOutputs(
         joined["scores"],
         joined["targets"],
         joined["weights"],
         sum(losses) / len(losses) if losses else float("nan"),
         ids,
+        {s: {t: torch.cat(v) for t, v in d.items()} for s, d in source_parts.items()},
+        {} if blend is None else {t: blend.task_weights(t) for t in model.tasks},
     )
+
+
+def _probabilities(logits: Tensor, model: Any, task: str) -> Tensor:
+    logits = logits.float()
+    return (logits.sigmoid() if model.tasks[task].multi_label else logits.softmax(dim=1)).cpu()
 
 
 def _clean(value: float) -> float | None:
@@ -184,6 +200,12 @@ def compute_report(
                 m: round(float(weights[:, k].mean()), 6) for k, m in enumerate(modalities)
             },
         }
+        if outputs.sources:
+            per_task[task]["sources"] = {
+                source: _clean(metrics.accuracy(by_task[task], targets, multi))
+                for source, by_task in outputs.sources.items()
+            }
+            per_task[task]["blend"] = dict(outputs.blend.get(task, {}))
 
     def mean(values: Iterable[float | None]) -> float | None:
         kept = [v for v in values if v is not None]
@@ -195,6 +217,7 @@ def compute_report(
         "num_samples": len(outputs.ids),
         "precisions": list(precisions),
         "tasks": per_task,
+        "warnings": fusion_warnings(per_task),
         "mean": {
             "accuracy": mean(r["accuracy"] for r in rows),
             "macro_f1": mean(r["macro_f1"] for r in rows),
@@ -208,6 +231,42 @@ def compute_report(
             },
         },
     }
+
+
+def fusion_warnings(tasks: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Plain-words warnings for every task whose model scores below one of its modalities alone.
+
+    Args:
+        tasks: The ``tasks`` section of a report (see :func:`compute_report`); tasks without
+            ``sources`` (models without unimodal heads) are not compared.
+
+    Returns:
+        One sentence per such task, e.g. ``"color: the model (0.812) is below text alone
+        (0.845); ..."``; empty when fusion paid off everywhere.
+
+    Examples:
+        >>> row = {"accuracy": 0.8, "sources": {"fused": 0.8, "text": 0.9}}
+        >>> print(fusion_warnings({"color": row})[0])  # doctest: +NORMALIZE_WHITESPACE
+        color: the model (0.800) is below text alone (0.900): fusing the modalities did not
+        pay off on this data; consider the text-only model
+    """
+    warnings = []
+    for task, row in tasks.items():
+        model = row.get("accuracy")
+        alone = {
+            source: value
+            for source, value in (row.get("sources") or {}).items()
+            if source != "fused" and value is not None
+        }
+        if model is None or not alone:
+            continue
+        best, value = max(alone.items(), key=lambda item: item[1])
+        if value > model:
+            warnings.append(
+                f"{task}: the model ({model:.3f}) is below {best} alone ({value:.3f}): fusing "
+                f"the modalities did not pay off on this data; consider the {best}-only model"
+            )
+    return warnings
 
 
 def format_report(report: Mapping[str, Any]) -> str:
@@ -243,10 +302,26 @@ def format_report(report: Mapping[str, Any]) -> str:
                 weights,
             ]
         )
-    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
-    render = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-              for r in [header, *lines]]
+    render = _table(header, lines)
+    sourced = {t: r for t, r in report["tasks"].items() if r.get("sources")}
+    if sourced:
+        names = list(next(iter(sourced.values()))["sources"])
+        header = ["task", "model", *[f"{n} head" for n in names], "blend"]
+        lines = []
+        for task, row in sourced.items():
+            blend = " ".join(f"{n}={w:.1f}" for n, w in row.get("blend", {}).items())
+            cells = [cell(row["sources"].get(n)) for n in names]
+            lines.append([task, cell(row["accuracy"]), *cells, blend])
+        render += ["", "accuracy of the model against each of its heads alone:"]
+        render += _table(header, lines)
+    render += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(render)
+
+
+def _table(header: list[str], lines: list[list[str]]) -> list[str]:
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+            for r in [header, *lines]]
 
 
 def evaluate_checkpoint(
@@ -296,7 +371,9 @@ def evaluate_checkpoint(
         config = image_data_config(model, data_cfg.image_size)
         transform = build_image_transform(config)
         image_shape = tuple(config["input_size"])
-    dataset = ManifestDataset(manifest, model.tasks, transform, on_error=data_cfg.on_error)
+    dataset = ManifestDataset(
+        manifest, model.tasks, transform, on_error=data_cfg.on_error, modalities=model.modalities
+    )
     if len(dataset) == 0:
         raise DataError(f"{manifest}: no usable sample to evaluate (skipped: {dataset.skipped})")
     loader = DataLoader(

@@ -95,6 +95,7 @@ __all__ = [
 _LOG = logging.getLogger("fusionkit.training")
 METRICS_FILE = "metrics.jsonl"
 REPLICAS_FILE = "replicas.json"
+VAL_REPORT_FILE = "val_report.json"
 
 
 class TrainingError(FusionkitError, RuntimeError):
@@ -182,26 +183,31 @@ def build_run_config(
     epochs: int | None = None,
     seed: int | None = None,
     device: str | None = None,
+    preset: str | None = None,
 ) -> Any:
     """Read a run config and apply command-line overrides; infer tasks from the data if needed.
 
-    Without a config this is the default model (offline EfficientNet-Lite0 + MiniLM CMA-CLIP)
-    with every label column of ``train`` (or the ``tasks`` named) as a task.
+    Without a config this is the default preset's model (offline EfficientNet-Lite0 + MiniLM
+    CMA-CLIP, see :mod:`fusionkit.training.presets`) with every label column of ``train`` (or
+    the ``tasks`` named) as a task.
 
     Args:
-        config: YAML path or mapping (``None`` = defaults).
+        config: YAML path or mapping (``None`` = the preset alone).
         train: Training manifest (overrides ``data.train``).
         val: Validation manifest (overrides ``data.val``).
         tasks: Task columns (overrides ``data.tasks``).
         epochs: Overrides ``train.epochs``.
         seed: Overrides ``train.seed``.
         device: Overrides ``train.device``.
+        preset: A preset (``fast``, ``medium``, ``best``) filling in what the config leaves
+            out; without a config, ``None`` means the default preset.
 
     Returns:
         The validated :class:`~fusionkit.models.ModelConfig`.
 
     Raises:
-        ConfigError: An invalid config, or no tasks and no training data to infer them from.
+        ConfigError: An invalid config or preset name, or no tasks and no training data to
+            infer them from.
         DataError: The training manifest cannot be read.
 
     Examples:
@@ -209,6 +215,7 @@ def build_run_config(
     """
     from fusionkit.data import infer_tasks
     from fusionkit.models import ModelConfig
+    from fusionkit.training.presets import DEFAULT_PRESET, apply_preset
 
     if config is None:
         raw: dict[str, Any] = {}
@@ -216,6 +223,10 @@ def build_run_config(
         raw = dict(config)
     else:
         raw = read_yaml(config)
+    if preset is None and config is None:
+        preset = DEFAULT_PRESET
+    if preset is not None:
+        raw = apply_preset(raw, preset)
     data = dict(raw.get("data") or {})
     for key, value in (("train", train), ("val", val), ("tasks", list(tasks) if tasks else None)):
         if value is not None:
@@ -242,7 +253,8 @@ class TrainResult:
     Attributes:
         output_dir: The run folder.
         history: One metrics record per epoch.
-        best_score: Best mean validation accuracy (``-inf`` without a validation set).
+        best_score: Mean validation accuracy of the final ``best/`` model (with its fitted
+            blend, for a model with unimodal heads); ``-inf`` without a validation set.
         cache_stats: Feature cache counters (``None`` without the cache).
     """
 
@@ -404,6 +416,12 @@ class _TrainingForward(nn.Module):
         return self.fuse(tokens, masks)
 
 
+def _heads(model: Any) -> list[Any]:
+    """Every classification head of ``model``: the fused one and any unimodal ones."""
+    unimodal = getattr(model, "unimodal", None)
+    return [model.head, *([] if unimodal is None else unimodal.heads.values())]
+
+
 def _join_outputs(parts: Sequence[EvalOutputs]) -> EvalOutputs:
     """Concatenate per-batch outputs; the loss is the mean of the batch losses."""
     first = parts[0]
@@ -413,6 +431,11 @@ def _join_outputs(parts: Sequence[EvalOutputs]) -> EvalOutputs:
         {t: torch.cat([p.weights[t] for p in parts]) for t in first.weights},
         sum(p.loss for p in parts) / len(parts),
         [i for p in parts for i in p.ids],
+        {
+            s: {t: torch.cat([p.sources[s][t] for p in parts]) for t in by_task}
+            for s, by_task in first.sources.items()
+        },
+        first.blend,
     )
 
 
@@ -432,6 +455,8 @@ class Trainer:
     Raises:
         ConfigError: Invalid ``data``/``train`` sections, a missing ``data.train`` or
             ``train.precision: fp16`` without CUDA.
+        DataError: ``data.train`` or ``data.val`` is missing, unreadable or lacks a column the
+            model needs (checked here, before the model is built).
 
     Examples:
         >>> result = Trainer(build_run_config("configs/quickstart.yaml"), "runs/q").fit()
@@ -456,9 +481,16 @@ class Trainer:
             raise ConfigError("data.train: missing; give a manifest (--train)")
         self.device = resolve_device(self.train_config.device)
         self.autocast_dtype = resolve_precision(self.train_config.precision, self.device)
+        from fusionkit.data.sources import check_manifest
+
+        for manifest in (self.data.train, self.data.val):
+            # Checked before any backbone loads: a wrong path fails at once, not minutes later.
+            if manifest is not None:
+                check_manifest(manifest, modalities=config.modalities, tasks=list(config.tasks))
         self.ctx = DistContext(0, 1, 0, self.device)
         self.cache_stats: CacheStats | None = None
         self.model: Any = None
+        self.val_report: dict[str, Any] | None = None
         self._class_weight_tensors: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------------------
@@ -511,14 +543,11 @@ class Trainer:
             if "image" in cached and cfg.augment:
                 _LOG.info("image features cached: training images are not augmented")
         tasks = model.tasks
-        train_set = ManifestDataset(
-            self.data.train, tasks, train_transform, on_error=self.data.on_error
-        )
+        read = {"on_error": self.data.on_error, "modalities": model.modalities}
+        train_set = ManifestDataset(self.data.train, tasks, train_transform, **read)
         splits = {"train": train_set}
         if self.data.val is not None:
-            splits["val"] = ManifestDataset(
-                self.data.val, tasks, eval_transform, on_error=self.data.on_error
-            )
+            splits["val"] = ManifestDataset(self.data.val, tasks, eval_transform, **read)
         else:
             _LOG.info("no validation set: no epoch is validated and last/ holds the final weights")
         for name, dataset in splits.items():
@@ -574,7 +603,8 @@ class Trainer:
             else:
                 weight = labelled / (spec.num_classes * counts.clamp(min=1))
             weight = weight.float().to(self.device)
-            model.head.set_class_weight(task, weight)
+            for head in _heads(model):
+                head.set_class_weight(task, weight)
             self._class_weight_tensors[task] = weight
 
     def _optimizer(self, model: Any) -> torch.optim.Optimizer:
@@ -656,9 +686,12 @@ class Trainer:
         if not self.ctx.distributed:
             loss = self.model.loss(output, targets)
             return loss, loss.detach()
-        return sharded_loss(
-            self.model.head, output.logits, targets, self.ctx, self._class_weight_tensors
-        )
+        losses, totals = [], []
+        for head, logits, kept, weight in self.model.loss_terms(output, targets):
+            loss, total = sharded_loss(head, logits, kept, self.ctx, self._class_weight_tensors)
+            losses.append(weight * loss)
+            totals.append(weight * total)
+        return torch.stack(losses).sum(), torch.stack(totals).sum()
 
     def _save_last(
         self,
@@ -711,7 +744,12 @@ class Trainer:
             atomic_write_text(self.output_dir / METRICS_FILE, text)
 
     def _validate(self, model: Any, source: Any, collate: Any) -> dict[str, Any]:
-        """Metrics over the whole validation set; ranks split its batches and gather outputs."""
+        """Metrics over the whole validation set (see :meth:`_val_outputs`)."""
+        outputs = self._val_outputs(model, source, collate)
+        return compute_report(outputs, model.tasks, model.modalities)
+
+    def _val_outputs(self, model: Any, source: Any, collate: Any) -> EvalOutputs:
+        """Outputs over the whole validation set; ranks split its batches and gather them."""
         size = self.data.eval_batch_size
         batches = [list(range(i, min(i + size, len(source)))) for i in range(0, len(source), size)]
         mine = list(range(self.ctx.rank, len(batches), self.ctx.world_size))
@@ -730,8 +768,34 @@ class Trainer:
             (part for rank_parts in all_gather_objects(self.ctx, parts) for part in rank_parts),
             key=lambda part: part[0],
         )
-        outputs = _join_outputs([outputs for _, outputs in gathered])
-        return compute_report(outputs, model.tasks, model.modalities)
+        return _join_outputs([outputs for _, outputs in gathered])
+
+    def _finish_best(self, model: Any, source: Any, collate: Any) -> dict[str, Any]:
+        """Reload ``best/``, fit its late-fusion blend on the validation set (models with
+        unimodal heads), store it in ``best/`` and write the validation report.
+
+        Returns:
+            The validation report of the final ``best/`` model, with each head's accuracy.
+        """
+        from fusionkit.training.blend import fit_blend
+
+        best = self.output_dir / "best"
+        load_model_weights(model, best)
+        outputs = self._val_outputs(model, source, collate)
+        blend = getattr(model, "blend", None)
+        if blend is not None:
+            for task, spec in model.tasks.items():
+                by_source = {s: outputs.sources[s][task] for s in blend.sources}
+                blend.set_weights(task, fit_blend(by_source, outputs.targets[task], spec))
+            outputs = self._val_outputs(model, source, collate)
+            if self.ctx.is_main:
+                save_checkpoint(best, model, include_frozen=not self._all_frozen(model))
+        report = compute_report(outputs, model.tasks, model.modalities)
+        if self.ctx.is_main:
+            write_json(self.output_dir / VAL_REPORT_FILE, report)
+        for warning in report["warnings"]:
+            _LOG.warning("%s", warning)
+        return report
 
     def _check_replicas(self, model: Any) -> None:
         """Compare every rank's parameters; rank 0 writes their digests to ``replicas.json``."""
@@ -799,6 +863,8 @@ class Trainer:
             "epoch_loss_sum": 0.0,
             "epoch_seconds": 0.0,
             "best_score": None,
+            "best_epoch": 0,
+            "stopped_early": False,
             "history": [],
         }
         # Every rank reads the same checkpoint (a shared folder on several nodes).
@@ -821,7 +887,11 @@ class Trainer:
             write_yaml(self.output_dir / "config.yaml", self.config.to_dict())
         trainable = [p for p in model.parameters() if p.requires_grad]
 
+        state.setdefault("best_epoch", 0)
+        state.setdefault("stopped_early", False)
         for epoch in range(state["epoch"], cfg.epochs):
+            if state["stopped_early"]:
+                break
             model.train()
             start_batch = state["batch_in_epoch"]
             started = time.perf_counter()
@@ -873,11 +943,17 @@ class Trainer:
             if val_source is not None:
                 report = self._validate(model, val_source, collate)
                 score = report["mean"]["accuracy"] or 0.0
+                if cfg.best_metric == "loss":
+                    score = -report["loss"] if report["loss"] is not None else float("-inf")
                 record |= {
                     "val_loss": report["loss"],
                     "val_accuracy": {t: r["accuracy"] for t, r in report["tasks"].items()},
-                    "val_mean_accuracy": score,
+                    "val_mean_accuracy": report["mean"]["accuracy"] or 0.0,
                 }
+                if any("sources" in r for r in report["tasks"].values()):
+                    record["val_head_accuracy"] = {
+                        t: r["sources"] for t, r in report["tasks"].items()
+                    }
             record |= {"lr": scheduler.get_last_lr()[-1], "epoch_seconds": round(seconds, 3)}
             _LOG.info("epoch %d: %s", epoch + 1, record)
             state.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sum=0.0, epoch_seconds=0.0)
@@ -886,21 +962,30 @@ class Trainer:
                 state["best_score"] is None or score > state["best_score"]
             ):
                 state["best_score"] = score
+                state["best_epoch"] = epoch + 1
                 if ctx.is_main:
                     save_checkpoint(
                         self.output_dir / "best", model, include_frozen=not self._all_frozen(model)
                     )
+            patience = cfg.early_stopping
+            if val_source is not None and patience and epoch + 1 - state["best_epoch"] >= patience:
+                _LOG.info(
+                    "early stopping after epoch %d: no better val %s since epoch %d",
+                    epoch + 1, cfg.best_metric, state["best_epoch"],
+                )
+                state["stopped_early"] = True
             self._save_last(model, state, optimizer, scheduler, scaler)
             self._write_metrics(state["history"])
+            if state["stopped_early"]:
+                break
         self._write_metrics(state["history"])
+        best_score = float("-inf")
+        if val_source is not None and state["best_epoch"]:
+            self.val_report = self._finish_best(model, val_source, collate)
+            best_score = self.val_report["mean"]["accuracy"] or 0.0
         if ctx.distributed:
             self._check_replicas(model)
-        return TrainResult(
-            self.output_dir,
-            state["history"],
-            state["best_score"] if state["best_score"] is not None else float("-inf"),
-            self.cache_stats,
-        )
+        return TrainResult(self.output_dir, state["history"], best_score, self.cache_stats)
 
 
 def train(

@@ -181,8 +181,8 @@ class Predictor:
         modality weights; the JSONL holds the full :meth:`predict` output per sample.
 
         Args:
-            manifest: A ``.csv``/``.jsonl`` manifest with ``image`` and ``text`` columns (label
-                columns are not needed).
+            manifest: A ``.csv``/``.jsonl`` manifest with the columns of the model's
+                modalities (``image`` and/or ``text``; label columns are not needed).
             out: Output path ending in ``.csv`` or ``.jsonl``.
 
         Returns:
@@ -199,7 +199,7 @@ class Predictor:
         out = Path(out)
         if out.suffix not in (".csv", ".jsonl"):
             raise DataError(f"{out}: output must end in .csv or .jsonl")
-        dataset = ManifestDataset(manifest, {})
+        dataset = ManifestDataset(manifest, {}, modalities=self.model.modalities)
         records = dataset.records
         predictions = self.predict(
             images=[r.image_path for r in records] if self.model.vision is not None else None,
