@@ -107,26 +107,55 @@ def test_fit_blend_picks_the_informative_source_and_a_mixture_when_both_help():
     good = (3 * truth + noise).softmax(1)
     useless = torch.rand(400, 4).softmax(1)
     spec = parse_tasks({"t": {"num_classes": 4}})["t"]
-    assert fit_blend({"fused": useless, "text": good}, targets, spec) == {
-        "fused": 0.0, "text": 1.0}
+    fitted = fit_blend({"fused": useless, "text": good}, targets, spec)
+    assert fitted.weights == {"fused": 0.0, "text": 1.0}
+    mixed = blend_probabilities({"fused": useless, "text": good}, fitted.weights, False,
+                                fitted.scale)
+    assert F.nll_loss(mixed.log(), targets).item() == pytest.approx(fitted.log_loss, rel=1e-9)
     # Two sources each right on a different half: the blend needs both.
     half = torch.arange(400) < 200
     first = torch.where(half[:, None], good, useless)
     second = torch.where(half[:, None], useless, good)
-    weights = fit_blend({"a": first, "b": second}, targets, spec)
+    weights = fit_blend({"a": first, "b": second}, targets, spec).weights
     assert 0.2 <= weights["a"] <= 0.8 and weights["a"] + weights["b"] == pytest.approx(1)
     mixed = blend_probabilities({"a": first, "b": second}, weights, False)
     assert (mixed.argmax(1) == targets).float().mean() > (first.argmax(1) == targets).float().mean()
+
+
+def test_fit_blend_scale_calibrates_an_overconfident_source_without_changing_its_choice():
+    torch.manual_seed(1)
+    targets = torch.randint(0, 3, (300,))
+    logits = F.one_hot(targets, 3).float() * 2 + torch.randn(300, 3)
+    overconfident = (logits * 6).softmax(1)
+    spec = parse_tasks({"t": {"num_classes": 3}})["t"]
+    fitted = fit_blend({"fused": overconfident}, targets, spec)
+    assert fitted.scale < 1.0
+    calibrated = blend_probabilities({"fused": overconfident}, fitted.weights, False, fitted.scale)
+    assert torch.equal(calibrated.argmax(1), overconfident.argmax(1))
+
+
+def test_fit_blend_leaves_out_sources_a_sample_lacks_as_the_model_does():
+    tasks = parse_tasks({"t": {"num_classes": 3}})
+    torch.manual_seed(2)
+    fused, text = torch.randn(6, 3), torch.randn(6, 3)
+    present = torch.tensor([True, False, True, True, False, True])
+    blend = LateFusionBlend(tasks, ("text",))
+    blend.set_weights("t", {"fused": 0.4, "text": 0.6}, scale=2.0)
+    model_scores = blend({"t": fused}, {"text": {"t": text}}, {"text": present})["t"].softmax(1)
+    probabilities = {"fused": fused.softmax(1), "text": text.softmax(1)}
+    ours = blend_probabilities(probabilities, {"fused": 0.4, "text": 0.6}, False, 2.0,
+                               {"text": present})
+    assert_close(ours.float(), model_scores, dtype=torch.float32)
 
 
 def test_fit_blend_multi_label_and_no_labels():
     spec = parse_tasks({"p": {"num_classes": 3, "multi_label": True}})["p"]
     targets = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]] * 20)
     good = targets * 0.8 + 0.1
-    assert fit_blend({"fused": 1 - good, "image": good}, targets, spec)["image"] == 1.0
+    assert fit_blend({"fused": 1 - good, "image": good}, targets, spec).weights["image"] == 1.0
     missing = torch.full((3, 3), float("nan"))
-    assert fit_blend({"fused": good[:3], "image": good[:3]}, missing, spec) == {
-        "fused": 1.0, "image": 0.0}
+    fitted = fit_blend({"fused": good[:3], "image": good[:3]}, missing, spec)
+    assert fitted.weights == {"fused": 1.0, "image": 0.0} and fitted.scale == 1.0
     with pytest.raises(ConfigError):
         fit_blend({}, targets, spec)
 
@@ -173,10 +202,11 @@ def test_model_without_unimodal_heads_is_unchanged(tiny_bert_dir):
 
 def test_blend_weights_round_trip_through_a_checkpoint(tiny_bert_dir, tmp_path):
     model = build_model(tiny_model_config(tiny_bert_dir)).eval()
-    model.blend.set_weights("color", {"fused": 0.3, "text": 0.7})
+    model.blend.set_weights("color", {"fused": 0.3, "text": 0.7}, scale=0.5)
     model.save_pretrained(tmp_path / "ckpt")
     loaded = CMACLIP.from_pretrained(tmp_path / "ckpt")
     assert loaded.blend.task_weights("color") == {"fused": 0.3, "text": 0.7, "image": 0.0}
+    assert loaded.blend.task_scale("color") == 0.5
     assert loaded.config.unimodal_loss_weight == 0.5
     assert ModelConfig.from_dict(loaded.config.to_dict()).unimodal_loss_weight == 0.5
 
@@ -219,18 +249,21 @@ def test_training_fits_the_blend_on_val_and_reports_every_head(catalogue, tiny_b
                            tmp_path / "run")
     report = json.loads((tmp_path / "run" / "val_report.json").read_text())
     assert report == json.loads(json.dumps(trainer.val_report))
-    best_epoch = min(result.history, key=lambda r: r["val_loss"])["epoch"]
+    best = min(result.history, key=lambda r: r["val_log_loss"])
     for row in report["tasks"].values():
         assert set(row["sources"]) == {"fused", "text", "image"}
-        assert sum(row["blend"].values()) == pytest.approx(1.0)
+        weights = {k: v for k, v in row["blend"].items() if k != "scale"}
+        assert sum(weights.values()) == pytest.approx(1.0) and row["blend"]["scale"] > 0
         assert row["accuracy"] is not None
     assert result.best_score == report["mean"]["accuracy"]
     assert all("val_head_accuracy" in r for r in result.history)
     model = CMACLIP.from_pretrained(tmp_path / "run" / "best")
-    assert {t: model.blend.task_weights(t) for t in model.tasks} == {
-        t: r["blend"] for t, r in report["tasks"].items()}
-    # best/ holds the epoch of lowest val loss (its weights, not the last epoch's).
-    assert best_epoch >= 1
+    assert {t: {**model.blend.task_weights(t), "scale": model.blend.task_scale(t)}
+            for t in model.tasks} == {t: r["blend"] for t, r in report["tasks"].items()}
+    # best/ is the epoch of lowest val log-loss of the blended model; reloaded, its forward
+    # pass gives the metrics computed from the heads' outputs when it was picked.
+    assert report["mean"]["log_loss"] == pytest.approx(best["val_log_loss"], abs=1e-5)
+    assert report["mean"]["accuracy"] == pytest.approx(best["val_mean_accuracy"], abs=1e-6)
     text = format_report(report)
     assert "accuracy of the model against each of its heads alone" in text
     assert "text head" in text and "fused=" in text
@@ -242,6 +275,19 @@ def test_early_stopping_stops_when_the_val_loss_stops_improving(catalogue, tiny_
     _, result = _fit(run_config(catalogue, tiny_bert_dir, tmp_path, epochs=6, lr=0.0,
                                 best_metric="loss", early_stopping=2), tmp_path / "run")
     assert [r["epoch"] for r in result.history] == [1, 2, 3]
+
+
+def test_log_loss_of_probabilities():
+    from fusionkit.training.metrics import log_loss
+
+    scores = torch.tensor([[0.7, 0.2, 0.1], [0.1, 0.1, 0.8]])
+    expected = -(math.log(0.7) + math.log(0.8)) / 2
+    assert log_loss(scores, torch.tensor([0, 2])) == pytest.approx(expected)
+    assert log_loss(scores, torch.tensor([0, -100])) == pytest.approx(-math.log(0.7))
+    multi = torch.tensor([[0.9, 0.2]])
+    expected = -(math.log(0.9) + math.log(0.8)) / 2
+    assert log_loss(multi, torch.tensor([[1.0, 0.0]]), True) == pytest.approx(expected)
+    assert math.isnan(log_loss(scores, torch.tensor([-100, -100])))
 
 
 def test_fusion_warnings_say_which_modality_alone_was_better():

@@ -9,11 +9,12 @@ Networks Hard?*, CVPR 2020). Two parts guard against it:
   (unimodal supervision, as in UniS-MMC), they also tell the user what each modality alone
   predicts.
 - :class:`LateFusionBlend`: per task, non-negative weights over the sources (the fused head,
-  then each modality's head) that sum to 1; the model's final scores are the weighted sum of
-  the sources' log-probabilities (single-label) or logits (multi-label). The weights are fit
-  on validation data after training (:func:`fusionkit.training.blend.fit_blend`); until then
-  the fused head alone decides. A source whose modality a sample lacks is left out and the
-  others renormalised, so a missing modality is never read.
+  then each modality's head) that sum to 1, and a scale (an inverse temperature); the model's
+  final scores are the scaled, weighted sum of the sources' log-probabilities (single-label)
+  or logits (multi-label). The trainer fits them on validation data after every epoch
+  (:func:`fusionkit.training.blend.fit_blend`); until then the fused head alone decides. A
+  source whose modality a sample lacks is left out and the others renormalised, so a missing
+  modality is never read.
 """
 
 from __future__ import annotations
@@ -106,7 +107,8 @@ class LateFusionBlend(nn.Module):
     """Per-task weights over the fused head and each modality's head.
 
     The weights live in a persistent buffer ``weights`` of shape ``(tasks, 1 + modalities)``,
-    columns ``(FUSED, *modalities)``; they start as the fused head alone.
+    columns ``(FUSED, *modalities)``, and the scales in ``scale`` ``(tasks,)``; they start as
+    the fused head alone, unscaled. The scale calibrates the blend (it changes no argmax).
 
     Args:
         tasks: Task name → :class:`~fusionkit.tasks.TaskSpec`.
@@ -126,17 +128,23 @@ class LateFusionBlend(nn.Module):
         weights = torch.zeros(len(self.tasks), len(self.sources))
         weights[:, 0] = 1.0
         self.register_buffer("weights", weights)
+        self.register_buffer("scale", torch.ones(len(self.tasks)))
 
     def task_weights(self, task: str) -> dict[str, float]:
         """Source → weight of ``task``."""
         row = self.weights[list(self.tasks).index(task)]
         return {s: round(float(w), 6) for s, w in zip(self.sources, row, strict=True)}
 
-    def set_weights(self, task: str, weights: Mapping[str, float]) -> None:
-        """Set the weights of ``task`` (missing sources get 0).
+    def task_scale(self, task: str) -> float:
+        """The scale (inverse temperature) of ``task``."""
+        return round(float(self.scale[list(self.tasks).index(task)]), 6)
+
+    def set_weights(self, task: str, weights: Mapping[str, float], scale: float = 1.0) -> None:
+        """Set the weights (missing sources get 0) and the scale of ``task``.
 
         Raises:
-            ShapeError: An unknown source, a negative weight, or weights that do not sum to 1.
+            ShapeError: An unknown source, a negative weight, weights that do not sum to 1, or
+                a scale that is not positive.
         """
         unknown = set(weights) - set(self.sources)
         if unknown:
@@ -144,7 +152,11 @@ class LateFusionBlend(nn.Module):
         row = torch.tensor([float(weights.get(s, 0.0)) for s in self.sources])
         if bool((row < 0).any()) or abs(float(row.sum()) - 1.0) > 1e-4:
             raise ShapeError(f"blend weights must be >= 0 and sum to 1, got {dict(weights)}")
-        self.weights[list(self.tasks).index(task)] = row.to(self.weights)
+        if not scale > 0:
+            raise ShapeError(f"blend scale must be > 0, got {scale}")
+        index = list(self.tasks).index(task)
+        self.weights[index] = row.to(self.weights)
+        self.scale[index] = float(scale)
 
     def forward(
         self,
@@ -160,8 +172,9 @@ class LateFusionBlend(nn.Module):
             present: Modality → ``(B,)`` bool.
 
         Returns:
-            Task → ``(B, C)`` blended logits: log-probabilities for a single-label task
-            (``softmax`` of them is the blended distribution), logits for a multi-label one.
+            Task → ``(B, C)`` blended logits: scaled log-probabilities for a single-label
+            task (``softmax`` of them is the blended distribution), logits for a multi-label
+            one.
         """
         out = {}
         for k, (task, spec) in enumerate(self.tasks.items()):
@@ -186,5 +199,6 @@ class LateFusionBlend(nn.Module):
             fallback = torch.zeros_like(weights)
             fallback[:, 0] = 1.0
             weights = torch.where(total > 0, weights / total.clamp(min=1e-12), fallback)
-            out[task] = (torch.stack(scores, 1) * weights[:, :, None]).sum(1).to(reference.dtype)
+            mixed = (torch.stack(scores, 1) * weights[:, :, None]).sum(1) * self.scale[k].float()
+            out[task] = mixed.to(reference.dtype)
         return out

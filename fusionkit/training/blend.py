@@ -2,16 +2,20 @@
 
 The blend (:class:`~fusionkit.models.unimodal.LateFusionBlend`) mixes, per task, the fused
 head's and every modality head's log-probabilities (logits for multi-label tasks) with
-non-negative weights that sum to 1. :func:`fit_blend` searches the weights on a grid over the
-simplex and keeps those with the lowest validation log-loss: a proper scoring rule, smoother
-than accuracy on a few hundred samples. Where the fused head is the best source on its own,
-that is the weight vector ``(1, 0, ...)``, so blending never hides a good fused model.
+non-negative weights that sum to 1, times a scale (an inverse temperature). :func:`fit_blend`
+searches the weights on a grid over the simplex and the scale on a log grid, and keeps those
+with the lowest validation log-loss: a proper scoring rule, smoother than accuracy on a few
+hundred samples. The scale calibrates each mixture before it is scored, so an accurate but
+overconfident head is not passed over for a less accurate, better calibrated one. Where the
+fused head is the best source on its own, the weights are ``(1, 0, ...)``, so blending never
+hides a good fused model.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -21,7 +25,24 @@ from fusionkit.errors import ConfigError
 from fusionkit.tasks import TaskSpec
 from fusionkit.training.metrics import valid_rows
 
-__all__ = ["blend_probabilities", "fit_blend", "simplex_grid"]
+__all__ = ["SCALES", "BlendFit", "blend_probabilities", "fit_blend", "simplex_grid"]
+
+#: The scales (inverse temperatures) :func:`fit_blend` tries.
+SCALES = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)
+
+
+class BlendFit(NamedTuple):
+    """What :func:`fit_blend` found.
+
+    Attributes:
+        weights: Source → weight (non-negative, summing to 1).
+        scale: The inverse temperature of the mixture.
+        log_loss: The validation log-loss of the blend (NaN without a labelled sample).
+    """
+
+    weights: dict[str, float]
+    scale: float
+    log_loss: float
 
 _EPS = 1e-6
 
@@ -58,19 +79,45 @@ def _log_loss(scores: Tensor, targets: Tensor, multi_label: bool) -> float:
     return F.cross_entropy(scores, targets.long()).item()
 
 
-def _mix(stacked: Tensor, weights: tuple[float, ...]) -> Tensor:
-    return (torch.tensor(weights, dtype=stacked.dtype)[:, None, None] * stacked).sum(0)
+def _mix(stacked: Tensor, weights: tuple[float, ...], available: Tensor | None) -> Tensor:
+    """The weighted sum over sources ``(S, N, C)``; per sample, sources not ``available``
+    ``(S, N)`` are left out and the rest renormalised (the first source alone if none is
+    left), as in :class:`~fusionkit.models.unimodal.LateFusionBlend`."""
+    w = torch.tensor(weights, dtype=stacked.dtype)[:, None].expand(-1, stacked.shape[1])
+    if available is not None:
+        w = w * available.to(stacked.dtype)
+        total = w.sum(0, keepdim=True)
+        fallback = torch.zeros_like(w)
+        fallback[0] = 1.0
+        w = torch.where(total > 0, w / total.clamp(min=1e-12), fallback)
+    return (w[:, :, None] * stacked).sum(0)
+
+
+def _available(
+    names: list[str], available: Mapping[str, Tensor] | None, keep: Tensor
+) -> Tensor | None:
+    if available is None:
+        return None
+    rows = [available.get(n, torch.ones_like(keep))[keep] for n in names]
+    return torch.stack([row.bool() for row in rows])
 
 
 def blend_probabilities(
-    sources: Mapping[str, Tensor], weights: Mapping[str, float], multi_label: bool
+    sources: Mapping[str, Tensor],
+    weights: Mapping[str, float],
+    multi_label: bool,
+    scale: float = 1.0,
+    available: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
-    """Blend sources' probabilities with weights, as the model's blend does.
+    """Blend sources' probabilities with weights and a scale, as the model's blend does.
 
     Args:
         sources: Source → ``(N, C)`` probabilities.
         weights: Source → weight (e.g. from :func:`fit_blend`).
         multi_label: Sigmoid task (blend logits) rather than softmax (blend log-probabilities).
+        scale: Inverse temperature of the mixture.
+        available: Source → ``(N,)`` bool, False where a sample lacks that source's modality
+            (left out of its mixture); ``None``: every source everywhere.
 
     Returns:
         ``(N, C)`` blended probabilities.
@@ -82,7 +129,10 @@ def blend_probabilities(
     """
     names = list(sources)
     stacked = torch.stack([_log_scores(sources[n], multi_label) for n in names])
-    mixed = _mix(stacked, tuple(float(weights.get(n, 0.0)) for n in names))
+    keep = torch.ones(stacked.shape[1], dtype=torch.bool)
+    mixed = _mix(stacked, tuple(float(weights.get(n, 0.0)) for n in names),
+                 _available(names, available, keep))
+    mixed = scale * mixed
     return mixed.sigmoid() if multi_label else mixed.softmax(dim=1)
 
 
@@ -92,8 +142,10 @@ def fit_blend(
     spec: TaskSpec,
     *,
     steps: int = 10,
-) -> dict[str, float]:
-    """The blend weights with the lowest log-loss on labelled data.
+    scales: tuple[float, ...] = SCALES,
+    available: Mapping[str, Tensor] | None = None,
+) -> BlendFit:
+    """The blend weights and scale with the lowest log-loss on labelled data.
 
     Args:
         sources: Source name (``fused`` first, then modalities) → ``(N, C)`` probabilities
@@ -101,34 +153,45 @@ def fit_blend(
         targets: ``(N,)`` class indices or ``(N, C)`` multi-hot (missing labels skipped).
         spec: The task.
         steps: Grid resolution over the simplex.
+        scales: The scales to try.
+        available: Source → ``(N,)`` bool, as in :func:`blend_probabilities`.
 
     Returns:
-        Source → weight (non-negative, summing to 1). Ties go to the earlier grid point, so
-        with no labelled sample the first source alone is kept.
+        The :class:`BlendFit`. Ties go to the earlier grid point, so with no labelled sample
+        the first source alone is kept, unscaled.
 
     Raises:
-        ConfigError: No source, or ``steps`` below 1.
+        ConfigError: No source, ``steps`` below 1, or no positive scale.
 
     Examples:
         >>> from fusionkit.tasks import TaskSpec
         >>> good = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
         >>> fit_blend({"fused": good.flip(1), "text": good}, torch.tensor([0, 1]), TaskSpec(2))
-        {'fused': 0.0, 'text': 1.0}
+        ... # doctest: +ELLIPSIS
+        BlendFit(weights={'fused': 0.0, 'text': 1.0}, scale=4.0, log_loss=0.0...)
     """
     if not sources:
         raise ConfigError("fit_blend needs at least one source")
     if steps < 1:
         raise ConfigError(f"steps must be >= 1, got {steps}")
+    if not scales or min(scales) <= 0:
+        raise ConfigError(f"scales must be positive numbers, got {scales}")
     names = list(sources)
     keep = valid_rows(targets)
     if not bool(keep.any()):
-        return {name: float(i == 0) for i, name in enumerate(names)}
+        return BlendFit({name: float(i == 0) for i, name in enumerate(names)}, 1.0, float("nan"))
     stacked = torch.stack([_log_scores(sources[n][keep], spec.multi_label) for n in names])
     labels = targets[keep]
-    best, best_loss = None, float("inf")
+    mask = _available(names, available, keep)
+    best, best_loss = (None, 1.0), float("inf")
     for weights in simplex_grid(len(names), steps):
-        loss = _log_loss(_mix(stacked, weights), labels, spec.multi_label)
-        if loss < best_loss - 1e-12:
-            best, best_loss = weights, loss
-    assert best is not None
-    return {name: round(w, 6) for name, w in zip(names, best, strict=True)}
+        mixed = _mix(stacked, weights, mask)
+        for scale in scales:
+            loss = _log_loss(scale * mixed, labels, spec.multi_label)
+            if loss < best_loss - 1e-12:
+                best, best_loss = (weights, scale), loss
+    weights, scale = best
+    assert weights is not None
+    return BlendFit(
+        {name: round(w, 6) for name, w in zip(names, weights, strict=True)}, scale, best_loss
+    )

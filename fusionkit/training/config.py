@@ -115,7 +115,9 @@ class TrainConfig:
         cache_dtype: Storage dtype of cached tokens.
         save_every_steps: Also checkpoint ``last/`` every N optimizer steps (0 = epoch ends).
         best_metric: What picks the ``best/`` checkpoint among the validated epochs: the
-            highest mean validation ``accuracy`` over tasks, or the lowest validation ``loss``.
+            highest mean validation ``accuracy`` over tasks, or the lowest mean validation
+            ``loss``: the log-loss of the model's final probabilities (for a model with
+            unimodal heads, of its blend, which the scale of the blend calibrates).
         early_stopping: Stop after this many validated epochs without a better
             ``best_metric``; 0 trains every epoch.
         deterministic: Ask torch for deterministic algorithms (``warn_only``).

@@ -67,7 +67,9 @@ class EvalOutputs:
         ids: Sample ids in order.
         sources: For a model with unimodal heads, source (``fused`` and each modality) →
             task → ``(N, C)`` probabilities of that head alone; empty otherwise.
-        blend: Task → the model's blend weights per source (empty without unimodal heads).
+        blend: Task → the model's blend weights per source and its ``scale`` (empty
+            without unimodal heads).
+        present: Modality → ``(N,)`` bool, whether each sample had that modality.
     """
 
     scores: dict[str, Tensor] = field(default_factory=dict)
@@ -77,6 +79,7 @@ class EvalOutputs:
     ids: list[str] = field(default_factory=list)
     sources: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     blend: dict[str, dict[str, float]] = field(default_factory=dict)
+    present: dict[str, Tensor] = field(default_factory=dict)
 
 
 def _amp(device: torch.device, enabled: bool) -> Any:
@@ -106,6 +109,7 @@ def collect_outputs(
     model.eval()
     parts: dict[str, dict[str, list[Tensor]]] = {"scores": {}, "targets": {}, "weights": {}}
     source_parts: dict[str, dict[str, list[Tensor]]] = {}
+    present: dict[str, list[Tensor]] = {}
     losses: list[float] = []
     ids: list[str] = []
     try:
@@ -114,6 +118,11 @@ def collect_outputs(
                 output = forward_batch(model, batch, device)
                 losses.append(float(model.loss(output, batch.targets)))
             ids.extend(batch.ids)
+            for modality in model.modalities:
+                flags = output.present.get(modality)
+                if flags is None:
+                    flags = torch.zeros(len(batch.ids), dtype=torch.bool)
+                present.setdefault(modality, []).append(flags.cpu())
             for task, logits in output.logits.items():
                 parts["scores"].setdefault(task, []).append(_probabilities(logits, model, task))
                 parts["targets"].setdefault(task, []).append(batch.targets[task].cpu())
@@ -134,8 +143,13 @@ def collect_outputs(
         sum(losses) / len(losses) if losses else float("nan"),
         ids,
         {s: {t: torch.cat(v) for t, v in d.items()} for s, d in source_parts.items()},
-        {} if blend is None else {t: blend.task_weights(t) for t in model.tasks},
+        {} if blend is None else {t: _blend_row(blend, t) for t in model.tasks},
+        {m: torch.cat(v) for m, v in present.items()},
     )
+
+
+def _blend_row(blend: Any, task: str) -> dict[str, float]:
+    return {**blend.task_weights(task), "scale": blend.task_scale(task)}
 
 
 def _probabilities(logits: Tensor, model: Any, task: str) -> Tensor:
@@ -166,7 +180,7 @@ def compute_report(
         precisions: Precisions for recall-at-precision.
 
     Returns:
-        ``{"loss", "precisions", "tasks": {task: {"accuracy", "macro_f1",
+        ``{"loss", "precisions", "tasks": {task: {"accuracy", "log_loss", "macro_f1",
         "recall_at_precision": {"0.9": ...}, "majority_rate", "modality_weights", "labelled",
         "multi_label"}}, "mean": {...}}``; undefined values (no labelled sample) are ``None``.
 
@@ -190,6 +204,7 @@ def compute_report(
             "multi_label": multi,
             "labelled": int(metrics.valid_rows(targets).sum()),
             "accuracy": _clean(metrics.accuracy(scores, targets, multi)),
+            "log_loss": _clean(metrics.log_loss(scores, targets, multi)),
             "macro_f1": _clean(metrics.macro_f1(scores, targets, multi)),
             "recall_at_precision": {
                 _precision_key(p): _clean(metrics.recall_at_precision(scores, targets, p)[0])
@@ -220,6 +235,7 @@ def compute_report(
         "warnings": fusion_warnings(per_task),
         "mean": {
             "accuracy": mean(r["accuracy"] for r in rows),
+            "log_loss": mean(r["log_loss"] for r in rows),
             "macro_f1": mean(r["macro_f1"] for r in rows),
             "recall_at_precision": {
                 _precision_key(p): mean(r["recall_at_precision"][_precision_key(p)] for r in rows)
@@ -309,7 +325,8 @@ def format_report(report: Mapping[str, Any]) -> str:
         header = ["task", "model", *[f"{n} head" for n in names], "blend"]
         lines = []
         for task, row in sourced.items():
-            blend = " ".join(f"{n}={w:.1f}" for n, w in row.get("blend", {}).items())
+            weights = {n: w for n, w in row.get("blend", {}).items() if n != "scale"}
+            blend = " ".join(f"{n}={w:.1f}" for n, w in weights.items())
             cells = [cell(row["sources"].get(n)) for n in names]
             lines.append([task, cell(row["accuracy"]), *cells, blend])
         render += ["", "accuracy of the model against each of its heads alone:"]

@@ -27,6 +27,7 @@ RNG state, so a resumed run with the same number of processes replays the same r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -416,6 +417,24 @@ class _TrainingForward(nn.Module):
         return self.fuse(tokens, masks)
 
 
+def _fit_blend(model: Any, blend: Any, outputs: EvalOutputs) -> EvalOutputs:
+    """Fit ``blend`` on ``outputs`` (see :func:`~fusionkit.training.blend.fit_blend`), set it
+    on the model, and return the outputs with the blended scores."""
+    from fusionkit.training.blend import blend_probabilities, fit_blend
+
+    available = {"fused": torch.ones(len(outputs.ids), dtype=torch.bool), **outputs.present}
+    scores, rows = dict(outputs.scores), {}
+    for task, spec in model.tasks.items():
+        by_source = {s: outputs.sources[s][task] for s in blend.sources}
+        fitted = fit_blend(by_source, outputs.targets[task], spec, available=available)
+        blend.set_weights(task, fitted.weights, fitted.scale)
+        scores[task] = blend_probabilities(
+            by_source, fitted.weights, spec.multi_label, fitted.scale, available
+        ).float()
+        rows[task] = {**fitted.weights, "scale": fitted.scale}
+    return dataclasses.replace(outputs, scores=scores, blend=rows)
+
+
 def _heads(model: Any) -> list[Any]:
     """Every classification head of ``model``: the fused one and any unimodal ones."""
     unimodal = getattr(model, "unimodal", None)
@@ -436,6 +455,7 @@ def _join_outputs(parts: Sequence[EvalOutputs]) -> EvalOutputs:
             for s, by_task in first.sources.items()
         },
         first.blend,
+        {m: torch.cat([p.present[m] for p in parts]) for m in first.present},
     )
 
 
@@ -744,8 +764,16 @@ class Trainer:
             atomic_write_text(self.output_dir / METRICS_FILE, text)
 
     def _validate(self, model: Any, source: Any, collate: Any) -> dict[str, Any]:
-        """Metrics over the whole validation set (see :meth:`_val_outputs`)."""
+        """Metrics over the whole validation set (see :meth:`_val_outputs`).
+
+        A model with unimodal heads first gets its blend fit on these outputs; the metrics
+        are then those of the blended model, computed from the heads' outputs as the model's
+        own blend computes them.
+        """
         outputs = self._val_outputs(model, source, collate)
+        blend = getattr(model, "blend", None)
+        if blend is not None:
+            outputs = _fit_blend(model, blend, outputs)
         return compute_report(outputs, model.tasks, model.modalities)
 
     def _val_outputs(self, model: Any, source: Any, collate: Any) -> EvalOutputs:
@@ -771,25 +799,13 @@ class Trainer:
         return _join_outputs([outputs for _, outputs in gathered])
 
     def _finish_best(self, model: Any, source: Any, collate: Any) -> dict[str, Any]:
-        """Reload ``best/``, fit its late-fusion blend on the validation set (models with
-        unimodal heads), store it in ``best/`` and write the validation report.
+        """Reload ``best/`` (with the blend fit at its epoch) and write its validation report.
 
         Returns:
-            The validation report of the final ``best/`` model, with each head's accuracy.
+            The validation report of ``best/``, with each head's accuracy.
         """
-        from fusionkit.training.blend import fit_blend
-
-        best = self.output_dir / "best"
-        load_model_weights(model, best)
+        load_model_weights(model, self.output_dir / "best")
         outputs = self._val_outputs(model, source, collate)
-        blend = getattr(model, "blend", None)
-        if blend is not None:
-            for task, spec in model.tasks.items():
-                by_source = {s: outputs.sources[s][task] for s in blend.sources}
-                blend.set_weights(task, fit_blend(by_source, outputs.targets[task], spec))
-            outputs = self._val_outputs(model, source, collate)
-            if self.ctx.is_main:
-                save_checkpoint(best, model, include_frozen=not self._all_frozen(model))
         report = compute_report(outputs, model.tasks, model.modalities)
         if self.ctx.is_main:
             write_json(self.output_dir / VAL_REPORT_FILE, report)
@@ -944,9 +960,11 @@ class Trainer:
                 report = self._validate(model, val_source, collate)
                 score = report["mean"]["accuracy"] or 0.0
                 if cfg.best_metric == "loss":
-                    score = -report["loss"] if report["loss"] is not None else float("-inf")
+                    log_loss = report["mean"]["log_loss"]
+                    score = -log_loss if log_loss is not None else float("-inf")
                 record |= {
                     "val_loss": report["loss"],
+                    "val_log_loss": report["mean"]["log_loss"],
                     "val_accuracy": {t: r["accuracy"] for t, r in report["tasks"].items()},
                     "val_mean_accuracy": report["mean"]["accuracy"] or 0.0,
                 }

@@ -24,6 +24,7 @@ from fusionkit.tasks import MISSING_LABEL
 
 __all__ = [
     "accuracy",
+    "log_loss",
     "macro_f1",
     "majority_rate",
     "one_hot_targets",
@@ -104,6 +105,34 @@ def accuracy(scores: Tensor, targets: Tensor, multi_label: bool = False) -> floa
     inter = (predicted & truth).sum(dim=1).double()
     jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
     return jaccard.mean().item()
+
+
+def log_loss(scores: Tensor, targets: Tensor, multi_label: bool = False) -> float:
+    """Mean negative log-likelihood of the labels under the predicted probabilities.
+
+    Single-label: ``-log p[target]``; multi-label: the binary cross-entropy averaged over
+    classes. Probabilities are clipped to ``[1e-7, 1 - 1e-7]``.
+
+    Args:
+        scores: ``(N, C)`` probabilities (softmax, or sigmoid for multi-label).
+        targets: ``(N,)`` class indices or ``(N, C)`` multi-hot; missing labels are skipped.
+        multi_label: Multi-label task.
+
+    Returns:
+        The mean log-loss; NaN when no sample is labelled.
+
+    Examples:
+        >>> round(log_loss(torch.tensor([[0.5, 0.5], [0.9, 0.1]]), torch.tensor([0, 0])), 4)
+        0.3993
+    """
+    keep = valid_rows(targets)
+    if not bool(keep.any()):
+        return float("nan")
+    p = scores[keep].double().clamp(1e-7, 1 - 1e-7)
+    if multi_label:
+        truth = targets[keep].double()
+        return (-(truth * p.log() + (1 - truth) * (1 - p).log())).mean().item()
+    return (-p.gather(1, targets[keep].long()[:, None]).log()).mean().item()
 
 
 def macro_f1(scores: Tensor, targets: Tensor, multi_label: bool = False) -> float:
