@@ -49,6 +49,8 @@ CANDIDATES: dict[str, tuple[str | None, dict[str, Any]]] = {
     "fast, weight decay 0.1": ("fast", {"train": {"weight_decay": 0.1}}),
     "medium": ("medium", {}),
     "medium, no unimodal heads": ("medium", {"unimodal_heads": None}),
+    "medium, best/ by val accuracy": ("medium", {"train": {"best_metric": "accuracy"}}),
+    "medium, text encoder lr 1e-4": ("medium", {"train": {"lr_backbone": 1.0e-4}}),
 }
 
 
