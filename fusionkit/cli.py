@@ -268,7 +268,7 @@ def _list(args: argparse.Namespace) -> int:
 
 def _data(args: argparse.Namespace) -> int:
     if args.dataset == "emoji":
-        from fusionkit.data.emoji import build_emoji_dataset, split_counts
+        from fusionkit.data.emoji import build_emoji_dataset
 
         paths = build_emoji_dataset(
             args.out,
@@ -278,7 +278,6 @@ def _data(args: argparse.Namespace) -> int:
             image_size=args.image_size,
             progress=not args.quiet,
         )
-        counts = {split: sum(groups.values()) for split, groups in split_counts(paths).items()}
     elif args.dataset == "icons":
         from fusionkit.data import icons
 
@@ -286,7 +285,6 @@ def _data(args: argparse.Namespace) -> int:
             args.out, seed=args.seed, image_size=args.image_size,
             max_per_context=args.max_per_context, progress=not args.quiet,
         )
-        counts = {split: sum(found.values()) for split, found in icons.split_counts(paths).items()}
     elif args.dataset == "synthetic":
         from fusionkit.data import generate_catalogue
         from fusionkit.data.sources import CATALOGUE
@@ -295,7 +293,6 @@ def _data(args: argparse.Namespace) -> int:
         params = {**CATALOGUE, "seed": args.seed}
         params |= {split: size for split, size in sizes.items() if size is not None}
         paths = generate_catalogue(args.out, **params, progress=not args.quiet)
-        counts = {split: params[split] for split in paths}
     elif args.dataset == "food101":
         from fusionkit.data.public import convert_food101
 
@@ -303,7 +300,6 @@ def _data(args: argparse.Namespace) -> int:
             args.root, args.out, val_fraction=args.val_fraction, seed=args.seed,
             progress=not args.quiet,
         )
-        counts = None
     else:
         from fusionkit.data.public import convert_fashiongen
 
@@ -311,11 +307,17 @@ def _data(args: argparse.Namespace) -> int:
             args.train, args.val, args.out, val_fraction=args.val_fraction, seed=args.seed,
             limit=args.limit, progress=not args.quiet,
         )
-        counts = None
     for split, path in paths.items():
-        size = f" ({counts[split]} rows)" if counts else ""
-        print(f"{split}: {path}{size}")
+        print(f"{split}: {path} ({_row_count(path)} rows)")
     return 0
+
+
+def _row_count(manifest: Any) -> int:
+    """Data rows of a CSV manifest (quoted line breaks read as one row)."""
+    import csv
+
+    with open(manifest, newline="", encoding="utf-8") as handle:
+        return sum(1 for _ in csv.reader(handle)) - 1
 
 
 def _explain(args: argparse.Namespace) -> int:

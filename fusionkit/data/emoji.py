@@ -24,11 +24,8 @@ Examples:
 
 from __future__ import annotations
 
-import csv
-import random
 import re
 import xml.etree.ElementTree as ElementTree
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +34,8 @@ from PIL import Image, ImageDraw, ImageFont, features
 from tqdm.auto import tqdm
 
 from fusionkit.data.manifest import write_manifest
-from fusionkit.errors import ConfigError, DataError
+from fusionkit.data.splits import check_int, grouped_split
+from fusionkit.errors import DataError
 
 __all__ = [
     "APT_PACKAGES",
@@ -46,7 +44,6 @@ __all__ = [
     "base_key",
     "build_emoji_dataset",
     "read_emoji",
-    "split_counts",
 ]
 
 #: The Debian packages the builder reads.
@@ -62,7 +59,6 @@ CLDR_DERIVED = Path("/usr/share/unicode/cldr/common/annotationsDerived/en.xml")
 
 # The only size at which the bitmap font has glyphs; any other size fails to load.
 _FONT_SIZE = 109
-_SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 _FLAG_PREFIX = "flag: "
 _LINE = re.compile(
     r"^(?P<points>[0-9A-F ]+?)\s*;\s*(?P<status>[a-z-]+)\s*#\s*\S+\s+E\d+\.\d+\s+(?P<name>.+)$"
@@ -250,44 +246,6 @@ def _render(record: EmojiRecord, font: ImageFont.FreeTypeFont, size: int) -> Ima
     return square.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def _split(records: Sequence[EmojiRecord], seed: int) -> dict[str, list[EmojiRecord]]:
-    """Assign whole bases to splits, per subgroup, in the proportions of ``_SPLIT_FRACTIONS``."""
-    units: dict[tuple[int, ...], list[EmojiRecord]] = defaultdict(list)
-    for record in records:
-        units[base_key(record.points)].append(record)
-    by_subgroup: dict[str, list[tuple[int, ...]]] = defaultdict(list)
-    for key, members in units.items():
-        # A base's variants share a subgroup in practice; the first member decides if not.
-        by_subgroup[members[0].subgroup].append(key)
-
-    rng = random.Random(f"fusionkit-emoji:{seed}")
-    assigned: dict[tuple[int, ...], str] = {}
-    for subgroup in sorted(by_subgroup):
-        keys = sorted(by_subgroup[subgroup])
-        rng.shuffle(keys)
-        counts = dict.fromkeys(_SPLIT_FRACTIONS, 0)
-        total = sum(len(units[key]) for key in keys)
-        for key in keys:
-            # The split furthest below its share takes the next base; train wins ties, so a
-            # subgroup's first base always goes to training and its classes are known there.
-            split = max(
-                _SPLIT_FRACTIONS,
-                key=lambda name: _SPLIT_FRACTIONS[name] * total - counts[name],
-            )
-            assigned[key] = split
-            counts[split] += len(units[key])
-    splits: dict[str, list[EmojiRecord]] = {name: [] for name in _SPLIT_FRACTIONS}
-    for record in records:
-        splits[assigned[base_key(record.points)]].append(record)
-    return splits
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def build_emoji_dataset(
     out_dir: str | Path,
     *,
@@ -330,10 +288,10 @@ def build_emoji_dataset(
         >>> paths["train"].name  # doctest: +SKIP
         'train.csv'
     """
-    _check_int("image_size", image_size, 16)
-    _check_int("seed", seed, -(2**63))
+    check_int("image_size", image_size, 16)
+    check_int("seed", seed, -(2**63))
     if limit is not None:
-        _check_int("limit", limit, 1)
+        check_int("limit", limit, 1)
     _check_packages()
     records = read_emoji(EMOJI_TEST, skin_tones=skin_tones)
     if limit is not None and limit < len(records):
@@ -345,7 +303,11 @@ def build_emoji_dataset(
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     manifests: dict[str, Path] = {}
-    splits = _split(records, seed)
+    # Whole bases per split, stratified by subgroup: a base's variants never leak across.
+    splits = grouped_split(
+        records, lambda record: base_key(record.points), lambda record: record.subgroup,
+        f"fusionkit-emoji:{seed}",
+    )
     with tqdm(total=len(records), desc="emoji", unit="img", disable=not progress) as bar:
         for split, members in splits.items():
             rows = []
@@ -359,22 +321,3 @@ def build_emoji_dataset(
                 out / f"{split}.csv", ["id", "image", "text", *EMOJI_TASKS], rows
             )
     return manifests
-
-
-def split_counts(manifests: dict[str, Path]) -> dict[str, Counter[str]]:
-    """Rows per group in each split of a built data set (for reports).
-
-    Args:
-        manifests: Split → manifest, as :func:`build_emoji_dataset` returns.
-
-    Returns:
-        Split → Counter of group names.
-
-    Examples:
-        >>> split_counts(build_emoji_dataset("/tmp/emoji", progress=False))  # doctest: +SKIP
-    """
-    counts: dict[str, Counter[str]] = {}
-    for split, path in manifests.items():
-        with path.open(newline="", encoding="utf-8") as handle:
-            counts[split] = Counter(row["group"] for row in csv.DictReader(handle))
-    return counts

@@ -30,12 +30,10 @@ Examples:
 from __future__ import annotations
 
 import configparser
-import csv
 import hashlib
 import io
 import logging
 import os
-import random
 import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -46,6 +44,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from fusionkit.data.manifest import write_manifest
+from fusionkit.data.splits import check_int, grouped_split
 from fusionkit.errors import ConfigError, DataError, MissingDependencyError
 
 __all__ = [
@@ -57,7 +56,6 @@ __all__ = [
     "build_icons_dataset",
     "icon_text",
     "read_icons",
-    "split_counts",
 ]
 
 _LOG = logging.getLogger("fusionkit.data")
@@ -76,7 +74,6 @@ ICONS_TASKS = ("context",)
 #: Where Debian installs icon themes.
 ICONS_ROOT = Path("/usr/share/icons")
 
-_SPLIT_FRACTIONS = {"train": 0.70, "val": 0.15, "test": 0.15}
 _TARGET_SIZE = 48
 # Below this an icon is a monochrome glyph drawn for menus, a different picture altogether.
 _MIN_SIZE = 22
@@ -250,42 +247,6 @@ def _hash(text: str) -> str:
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def _split(records: Sequence[IconRecord], seed: int) -> dict[str, list[IconRecord]]:
-    """Assign whole names to splits, per context, in the proportions of ``_SPLIT_FRACTIONS``."""
-    members: dict[str, list[IconRecord]] = defaultdict(list)
-    for record in records:
-        members[record.text].append(record)
-    by_context: dict[str, list[str]] = defaultdict(list)
-    for text, group in members.items():
-        by_context[group[0].context].append(text)  # one context per text (see _select)
-
-    rng = random.Random(f"fusionkit-icons:{seed}")
-    assigned: dict[str, str] = {}
-    for context in sorted(by_context):
-        keys = sorted(by_context[context])
-        rng.shuffle(keys)
-        counts = dict.fromkeys(_SPLIT_FRACTIONS, 0)
-        total = sum(len(members[key]) for key in keys)
-        for key in keys:
-            # The split furthest below its share takes the next name; train wins ties, so a
-            # context's first name always goes to training.
-            split = max(
-                _SPLIT_FRACTIONS, key=lambda name: _SPLIT_FRACTIONS[name] * total - counts[name]
-            )
-            assigned[key] = split
-            counts[split] += len(members[key])
-    splits: dict[str, list[IconRecord]] = {name: [] for name in _SPLIT_FRACTIONS}
-    for record in records:
-        splits[assigned[record.text]].append(record)
-    return splits
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{name} must be an int >= {minimum}, got {value!r}")
-    return value
-
-
 def _select(
     themes: Sequence[str], icons_root: Path, max_per_context: int, min_per_context: int
 ) -> list[IconRecord]:
@@ -367,12 +328,12 @@ def build_icons_dataset(
         >>> paths["train"].name  # doctest: +SKIP
         'train.csv'
     """
-    _check_int("image_size", image_size, 16)
-    _check_int("seed", seed, -(2**63))
-    _check_int("max_per_context", max_per_context, 1)
-    _check_int("min_per_context", min_per_context, 1)
+    check_int("image_size", image_size, 16)
+    check_int("seed", seed, -(2**63))
+    check_int("max_per_context", max_per_context, 1)
+    check_int("min_per_context", min_per_context, 1)
     if limit is not None:
-        _check_int("limit", limit, 1)
+        check_int("limit", limit, 1)
     themes = list(dict.fromkeys(THEMES if themes is None else themes))
     if not themes:
         raise ConfigError("themes must name at least one icon theme, got none")
@@ -407,7 +368,12 @@ def build_icons_dataset(
     if failed:
         _LOG.warning("icons: %d file(s) could not be drawn, e.g. %s", len(failed), failed[0])
     manifests: dict[str, Path] = {}
-    for split, members in _split(list(ids), seed).items():
+    # Whole names per split, stratified by context (one context per name, see _select).
+    splits = grouped_split(
+        list(ids), lambda record: record.text, lambda record: record.context,
+        f"fusionkit-icons:{seed}",
+    )
+    for split, members in splits.items():
         rows = [
             [ids[record], f"images/{ids[record]}.png", record.text, record.context]
             for record in sorted(members, key=lambda record: ids[record])
@@ -416,22 +382,3 @@ def build_icons_dataset(
             out / f"{split}.csv", ["id", "image", "text", *ICONS_TASKS], rows
         )
     return manifests
-
-
-def split_counts(manifests: dict[str, Path]) -> dict[str, Counter[str]]:
-    """Rows per context in each split of a built data set (for reports).
-
-    Args:
-        manifests: Split → manifest, as :func:`build_icons_dataset` returns.
-
-    Returns:
-        Split → Counter of contexts.
-
-    Examples:
-        >>> split_counts(build_icons_dataset("/tmp/icons", progress=False))  # doctest: +SKIP
-    """
-    counts: dict[str, Counter[str]] = {}
-    for split, path in manifests.items():
-        with path.open(newline="", encoding="utf-8") as handle:
-            counts[split] = Counter(row["context"] for row in csv.DictReader(handle))
-    return counts
