@@ -347,3 +347,28 @@ def test_cli_names_every_preset_and_refuses_an_unknown_one(capsys, catalogue):
     code = main(["train", "--preset", "slow", "--train", str(catalogue["train"])])
     assert code == 2
     assert "unknown preset 'slow'" in capsys.readouterr().err
+
+
+def test_cli_train_with_a_preset_prints_the_model_against_its_heads(catalogue, tiny_bert_dir,
+                                                                    tmp_path, capsys):
+    import yaml
+
+    config = run_config(catalogue, tiny_bert_dir, tmp_path, epochs=2)
+    config = {k: v for k, v in config.items() if k not in ("tasks", "unimodal_heads")}
+    config["fusion"] = {"sequence": {"name": "transformer", "dim": 16, "heads": 2}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code = main(["-q", "train", "--config", str(path), "--preset", "fast",
+                 "--output", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "validation, best checkpoint:" in out
+    assert "accuracy of the model against each of its heads alone" in out
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["unimodal_heads"] == PRESETS["fast"]["unimodal_heads"]
+    assert saved["train"]["early_stopping"] == PRESETS["fast"]["train"]["early_stopping"]
+    assert saved["vision"]["model_name"] == "resnet18"  # the config's backbone, not the preset's
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "run"),
+                 "--data", str(catalogue["test"])])
+    assert code == 0
+    assert "text head" in capsys.readouterr().out
