@@ -3,10 +3,11 @@
 A preset is a partial run config (model, ``data`` and ``train`` keys). ``fusionkit train``
 without ``--config`` uses :data:`DEFAULT_PRESET`; with a config, ``--preset`` fills in what the
 config leaves out (the config wins, key by key). Every preset trains CMA-CLIP with unimodal
-heads (a head per modality beside the fused one, see `fusionkit.models.unimodal`), keeps the
-epoch with the lowest validation loss, stops early when it stops improving and blends the
-fused and unimodal heads on validation data, so that a fused model does not end below its best
-single modality. The presets differ in what they fine-tune:
+heads (a head per modality beside the fused one, see `fusionkit.models.unimodal`), blends the
+fused and unimodal heads on validation data after every epoch, keeps the epoch whose blended
+model has the highest validation accuracy and stops when it has not improved for 3 epochs, so
+that a fused model does not end below its best single modality. The presets differ in what
+they fine-tune:
 
 | preset | encoders | cost |
 |---|---|---|
@@ -49,7 +50,7 @@ _SHARED: dict[str, Any] = {
         "epochs": 10,
         "lr": 1.0e-3,
         "lr_backbone": 5.0e-5,
-        "best_metric": "loss",
+        "best_metric": "accuracy",
         "early_stopping": 3,
     },
 }
