@@ -110,9 +110,10 @@ def write_report(results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
         "--preset P --train train --val val --tasks T` would train them. `val` is the model's "
         "mean validation accuracy (the choice was made on it), `test` its test accuracy; the "
         "`heads` columns give, on test, the fused head alone and each modality's own head "
-        "(models with unimodal heads only). Means over the seeds listed; time is the wall "
-        "time of training on a shared 2-core CPU (the first run of a data set also encodes "
-        "the frozen features once).",
+        "(models with unimodal heads only). Means over the seeds listed; `epochs` is how many "
+        "ran before early stopping. Time is the wall time of training on a 2-core CPU that "
+        "ran up to three such jobs at once, so it varies by 2-3x with the load and does not "
+        "compare rows; the first run of a data set also encodes the frozen features once.",
         "",
         "Command: `python -m benchmarks.recipe_sweep`.",
         "",
