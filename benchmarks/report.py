@@ -557,7 +557,7 @@ def _attention_section(rows: Sequence[Row], charts: dict[str, str]) -> str:
         return "\n".join(lines)
     ceiling = ceilings(rows)
     lines.append(
-        "`fusionkit.attention.attention(q, k, v, key_padding_mask=..., backend=...)` on "
+        "`fusionkit.attention.attention(q, k, v, valid_keys=..., backend=...)` on "
         "contiguous `(B, L, H, D)` tensors, head size 64. `self a+b`: self-attention over "
         "`a` image and `b` text tokens; `cross a<-b`: image queries, text keys. `padding`: "
         "text lengths average 25% of `b`. FLOPs count the padded shape (`4·B·H·Lq·Lk·D`, "

@@ -56,7 +56,7 @@ def attention_workload(case: AttentionCase, device: str) -> Workload:
 
         def forward() -> None:
             with torch.inference_mode():
-                attention(q, k, v, key_padding_mask=mask, backend=case.backend)
+                attention(q, k, v, valid_keys=mask, backend=case.backend)
 
         return forward
 
@@ -64,7 +64,7 @@ def attention_workload(case: AttentionCase, device: str) -> Workload:
 
     def step() -> None:
         _clear_grads([q, k, v])
-        attention(q, k, v, key_padding_mask=mask, backend=case.backend).backward(grad)
+        attention(q, k, v, valid_keys=mask, backend=case.backend).backward(grad)
 
     return step
 
@@ -105,7 +105,7 @@ class _FusionkitLayer(nn.Module):
         key_mask = None if bool(mask.all()) else mask
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-            return attention(q, k, v, key_padding_mask=key_mask, backend=backend)
+            return attention(q, k, v, valid_keys=key_mask, backend=backend)
 
         return self.layer(x, attend)
 

@@ -298,6 +298,11 @@ def explain(
         return_attention=True,
     )
 
+    if not output.attentions or not output.spans or not {"image", "text"} <= set(output.spans):
+        raise ConfigError(
+            f"sequence fusion {type(fusion).__name__} returned no attention over one sequence "
+            "of image and text tokens (attentions and spans), so there is nothing to draw"
+        )
     # A learned summary token sits before each modality's tokens; "first" reuses token 0.
     skip = 1 if getattr(fusion, "summary_tokens", None) is not None else 0
     image_start, image_end = output.spans["image"]

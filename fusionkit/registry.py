@@ -12,6 +12,10 @@ contract test) can build any registered component of that kind with the same arg
 | `head` | `(dim, tasks: Mapping[str, TaskSpec], ...)` |
 | `model` | `(config: ModelConfig)` |
 
+Every sequence fusion is called as ``forward(tokens, masks, *, return_tokens=False,
+return_attention=False)``; one that cannot record attention raises ``ConfigError`` when asked.
+``tests/test_contract.py`` walks every registered component of every kind through its contract.
+
 Third-party packages add components through the entry-point group ``fusionkit.plugins``: each
 entry point names a module (imported) or a callable (called with no arguments) that registers
 its components. Plugins are loaded lazily, once, on the first lookup or listing; a plugin that

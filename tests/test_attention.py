@@ -9,6 +9,7 @@ from conftest import assert_close, lengths_mask
 from fusionkit.attention import (
     PackedSequences,
     attention,
+    attention_probabilities,
     resolve_backend,
     varlen_attention,
     xformers_unavailable_reason,
@@ -56,7 +57,7 @@ def test_backends_match_reference(device, dtype, shape, lengths):
     for backend in backends_for(device):
         if backend == "xformers" and dtype == torch.float64:
             continue
-        out = attention(q, k, v, key_padding_mask=mask, backend=backend)
+        out = attention(q, k, v, valid_keys=mask, backend=backend)
         assert out.shape == q.shape and out.dtype == dtype
         assert not out.isnan().any()
         assert_close(out, expected, dtype)
@@ -66,13 +67,13 @@ def test_backends_match_reference(device, dtype, shape, lengths):
 def test_appending_padding_never_changes_output(backend):
     q, k, v = torch.randn(3, 2, 10, 4, 16).unbind(0)
     mask = lengths_mask([10, 6], 10)
-    base = attention(q, k, v, key_padding_mask=mask, backend=backend)
+    base = attention(q, k, v, valid_keys=mask, backend=backend)
     pad = torch.randn(2, 5, 4, 16) * 100
     longer = attention(
         q,
         torch.cat([k, pad], 1),
         torch.cat([v, pad], 1),
-        key_padding_mask=torch.cat([mask, torch.zeros(2, 5, dtype=torch.bool)], 1),
+        valid_keys=torch.cat([mask, torch.zeros(2, 5, dtype=torch.bool)], 1),
         backend=backend,
     )
     assert_close(longer, base)
@@ -82,7 +83,7 @@ def test_fully_masked_sample_is_zero_with_finite_gradients():
     q, k, v = (t.requires_grad_() for t in torch.randn(3, 2, 5, 2, 8).unbind(0))
     mask = lengths_mask([5, 0], 5)
     for backend in ("math", "sdpa"):
-        out = attention(q, k, v, key_padding_mask=mask, backend=backend)
+        out = attention(q, k, v, valid_keys=mask, backend=backend)
         assert torch.equal(out[1], torch.zeros_like(out[1]))
         out.sum().backward()
         for t in (q, k, v):
@@ -93,7 +94,7 @@ def test_fully_masked_sample_is_zero_with_finite_gradients():
 def test_dense_mask_equals_no_mask():
     q, k, v = torch.randn(3, 2, 6, 2, 8).unbind(0)
     full = torch.ones(2, 6, dtype=torch.bool)
-    assert_close(attention(q, k, v, key_padding_mask=full), attention(q, k, v))
+    assert_close(attention(q, k, v, valid_keys=full), attention(q, k, v))
 
 
 def test_auto_picks_sdpa_on_cpu_and_xformers_refuses_with_reason():
@@ -128,7 +129,7 @@ def test_packed_equals_padded(q_lengths, kv_lengths, backend):
     q = torch.randn(batch, q_mask.shape[1], heads, head_dim, requires_grad=True)
     k = torch.randn(batch, kv_mask.shape[1], heads, head_dim, requires_grad=True)
     v = torch.randn(batch, kv_mask.shape[1], heads, head_dim, requires_grad=True)
-    padded = attention(q, k, v, key_padding_mask=kv_mask, backend=backend) * q_mask[..., None, None]
+    padded = attention(q, k, v, valid_keys=kv_mask, backend=backend) * q_mask[..., None, None]
 
     q_seqs = PackedSequences.from_mask(q_mask)
     kv_seqs = q_seqs if kv_lengths is q_lengths else PackedSequences.from_mask(kv_mask)
@@ -170,10 +171,26 @@ def test_bad_shapes(args, match):
 
 def test_bad_masks():
     q = torch.randn(2, 4, 2, 8)
-    with pytest.raises(ValueError, match=r"key_padding_mask must have shape \(B, Lk\)"):
-        attention(q, q, q, key_padding_mask=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"valid_keys must have shape \(B, Lk\)"):
+        attention(q, q, q, valid_keys=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="bool"):
-        attention(q, q, q, key_padding_mask=torch.ones(2, 4))
+        attention(q, q, q, valid_keys=torch.ones(2, 4))
     seqs = PackedSequences.from_mask(lengths_mask([4, 2]))
     with pytest.raises(ShapeError, match="do not match the packings"):
         varlen_attention(torch.randn(5, 2, 8), torch.randn(6, 2, 8), torch.randn(6, 2, 8), seqs)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_key_padding_mask_is_a_deprecated_alias_of_valid_keys(backend):
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 5, 2, 8), torch.randn(2, 7, 2, 8), torch.randn(2, 7, 2, 8)
+    valid = lengths_mask([7, 3])
+    expected = attention(q, k, v, valid_keys=valid, backend=backend)
+    with pytest.warns(FutureWarning, match="valid_keys"):
+        old = attention(q, k, v, key_padding_mask=valid, backend=backend)
+    assert_close(old, expected)
+    with pytest.warns(FutureWarning, match="opposite of torch.nn.MultiheadAttention"):
+        probs = attention_probabilities(q, k, key_padding_mask=valid)
+    assert_close(probs, attention_probabilities(q, k, valid_keys=valid))
+    with pytest.raises(TypeError, match="valid_keys only"):
+        attention(q, k, v, valid_keys=valid, key_padding_mask=valid)

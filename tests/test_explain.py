@@ -6,6 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
+import fusionkit
 from fusionkit.cli import main
 from fusionkit.errors import ConfigError
 from fusionkit.explain import attention_map, explain, feature_grid
@@ -13,15 +14,14 @@ from fusionkit.models import build_model
 from fusionkit.training import build_run_config
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tiny_bert_dir):
+def save_tiny_model(directory, tiny_bert_dir, sequence="transformer"):
     """A tiny random CMA-CLIP (resnet18 at 96 px: a 3x3 feature grid) saved to disk."""
     config = build_run_config(
         {
             "vision": {"name": "timm", "model_name": "resnet18", "pretrained": False},
             "text": {"name": "huggingface", "model_name_or_path": str(tiny_bert_dir),
                      "max_length": 16},
-            "fusion": {"dim": 32, "sequence": {"name": "transformer", "heads": 2, "layers": 2}},
+            "fusion": {"dim": 32, "sequence": {"name": sequence, "heads": 2, "layers": 2}},
             "head": {"name": "mlp", "hidden_dim": 32},
             "tasks": {"color": {"classes": ["blue", "red"]},
                       "category": {"classes": ["bag", "dress", "shirt"]}},
@@ -29,7 +29,12 @@ def checkpoint(tmp_path_factory, tiny_bert_dir):
         }
     )
     torch.manual_seed(0)
-    return build_model(config).save_pretrained(tmp_path_factory.mktemp("explain") / "ckpt")
+    return build_model(config).save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tiny_bert_dir):
+    return save_tiny_model(tmp_path_factory.mktemp("explain") / "ckpt", tiny_bert_dir)
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +97,19 @@ def test_cli_explain(checkpoint, image_path, tmp_path, capsys):
                  "--text", "blue bag", "--out", str(out), "--token", "bag"])
     assert code == 0 and out.is_file()
     assert "bag" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("sequence", fusionkit.list_components("sequence_fusion"))
+def test_explain_works_or_says_why_for_every_sequence_fusion(
+    sequence, tiny_bert_dir, image_path, tmp_path
+):
+    checkpoint = save_tiny_model(tmp_path / "ckpt", tiny_bert_dir, sequence)
+    try:
+        result = explain(checkpoint, image_path, "a red striped shirt")
+    except ConfigError as error:
+        assert sequence in str(error) and "attention" in str(error)
+        code = main(["-q", "explain", "--checkpoint", str(checkpoint), "--image",
+                     str(image_path), "--text", "a red shirt", "--out", str(tmp_path / "x.png")])
+        assert code == 2
+        return
+    assert result.heatmap.shape == result.grid

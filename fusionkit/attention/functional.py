@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import Tensor
 
 from fusionkit.errors import BackendUnavailableError, ShapeError
@@ -107,31 +109,41 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None) -> None:
     if mask is not None:
         expected = (k.shape[0], k.shape[1])
         if mask.dtype != torch.bool:
-            raise ShapeError(f"key_padding_mask must be a bool tensor, got {mask.dtype}")
+            raise ShapeError(f"valid_keys must be a bool tensor, got {mask.dtype}")
         if tuple(mask.shape) != expected:
             raise ShapeError(
-                f"key_padding_mask must have shape (B, Lk) = {expected}, got {tuple(mask.shape)}"
+                f"valid_keys must have shape (B, Lk) = {expected}, got {tuple(mask.shape)}"
             )
 
 
+def _valid_keys(valid_keys: Tensor | None, key_padding_mask: Tensor | None) -> Tensor | None:
+    """The key mask, from ``valid_keys`` or (deprecated, same meaning) ``key_padding_mask``."""
+    if key_padding_mask is None:
+        return valid_keys
+    if valid_keys is not None:
+        raise TypeError("pass valid_keys only; key_padding_mask is its deprecated alias")
+    warnings.warn(
+        "key_padding_mask is deprecated and will be removed in fusionkit 0.3; pass "
+        "valid_keys= instead. Both mean True = a real key to attend to, the opposite of "
+        "torch.nn.MultiheadAttention's key_padding_mask (True = ignore).",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return key_padding_mask
+
+
 def _math(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, p: float) -> Tensor:
-    probs = attention_probabilities(q, k, key_padding_mask=mask, scale=scale)
+    probs = attention_probabilities(q, k, valid_keys=mask, scale=scale)
     if p > 0:
         probs = F.dropout(probs, p)
     return torch.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scale: float, p: float) -> Tensor:
-    attn_mask = None if mask is None else mask[:, None, None, :]
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=attn_mask,
-        dropout_p=p,
-        scale=scale,
-    )
-    return out.transpose(1, 2)
+    attn_mask = None if mask is None else rearrange(mask, "b k -> b 1 1 k")
+    q, k, v = (rearrange(t, "b l h d -> b h l d") for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=p, scale=scale)
+    return rearrange(out, "b h l d -> b l h d")
 
 
 def _xformers(
@@ -154,7 +166,12 @@ _KERNELS = {"math": _math, "sdpa": _sdpa, "xformers": _xformers}
 
 
 def attention_probabilities(
-    q: Tensor, k: Tensor, *, key_padding_mask: Tensor | None = None, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    *,
+    valid_keys: Tensor | None = None,
+    scale: float | None = None,
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """The attention probabilities ``softmax(q kᵀ · scale)``, with padded keys excluded.
 
@@ -163,19 +180,27 @@ def attention_probabilities(
     Args:
         q: Queries ``(B, Lq, H, D)``.
         k: Keys ``(B, Lk, H, D)``.
-        key_padding_mask: ``(B, Lk)`` bool, True = real key. A query whose sample has no real
-            key gets all-zero probabilities.
+        valid_keys: ``(B, Lk)`` bool, True = a real key to attend to. A query whose sample has
+            no real key gets all-zero probabilities.
         scale: Logit scale, default ``1 / sqrt(D)``.
+        key_padding_mask: Deprecated alias of ``valid_keys`` (same meaning; warns).
 
     Returns:
         Probabilities ``(B, H, Lq, Lk)``.
+
+    Examples:
+        >>> q = torch.randn(1, 3, 2, 8)
+        >>> valid = torch.tensor([[True, True, False]])
+        >>> attention_probabilities(q, q, valid_keys=valid)[..., 2].abs().sum().item()
+        0.0
     """
+    valid_keys = _valid_keys(valid_keys, key_padding_mask)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
-    if key_padding_mask is None:
+    if valid_keys is None:
         return scores.softmax(-1)
     # A finite fill (not -inf) keeps fully padded rows free of NaN, in forward and backward.
-    keep = key_padding_mask[:, None, None, :]
+    keep = rearrange(valid_keys, "b k -> b 1 1 k")
     scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
     return scores.softmax(-1) * keep
 
@@ -185,10 +210,11 @@ def attention(
     k: Tensor,
     v: Tensor,
     *,
-    key_padding_mask: Tensor | None = None,
+    valid_keys: Tensor | None = None,
     backend: Backend | str = "auto",
     scale: float | None = None,
     dropout_p: float = 0.0,
+    key_padding_mask: Tensor | None = None,
 ) -> Tensor:
     """Multi-head scaled dot-product attention over a padded batch.
 
@@ -196,12 +222,15 @@ def attention(
         q: Queries ``(B, Lq, H, D)``.
         k: Keys ``(B, Lk, H, D)``.
         v: Values ``(B, Lk, H, D)``.
-        key_padding_mask: Optional ``(B, Lk)`` bool, True = real token. Padded keys get zero
+        valid_keys: Optional ``(B, Lk)`` bool, True = a real key to attend to (the opposite of
+            ``torch.nn.MultiheadAttention``'s ``key_padding_mask``). Other keys get zero
             weight; a sample with no real key at all gets a zero output (never NaN).
         backend: ``"auto"`` (xformers on CUDA when it can run, else sdpa), ``"xformers"``,
             ``"sdpa"`` or ``"math"`` (the plain reference).
         scale: Logit scale, default ``1 / sqrt(D)``.
         dropout_p: Dropout on the attention probabilities (pass 0 at evaluation).
+        key_padding_mask: Deprecated alias of ``valid_keys`` (same meaning, True = real key);
+            warns with a ``FutureWarning`` and goes in fusionkit 0.3.
 
     Returns:
         The attended values ``(B, Lq, H, D)``.
@@ -210,18 +239,19 @@ def attention(
         ShapeError: Wrong ranks, mismatched batch/heads/head size, or a mask of the wrong
             shape or dtype (a ``ValueError``).
         BackendUnavailableError: ``backend="xformers"`` where xformers cannot run.
+        TypeError: Both ``valid_keys`` and its deprecated alias given.
 
     Examples:
         >>> q = k = v = torch.randn(2, 10, 4, 16)
-        >>> mask = torch.arange(10) < torch.tensor([[10], [6]])
-        >>> attention(q, k, v, key_padding_mask=mask).shape
+        >>> valid = torch.arange(10) < torch.tensor([[10], [6]])
+        >>> attention(q, k, v, valid_keys=valid).shape
         torch.Size([2, 10, 4, 16])
     """
-    _check_inputs(q, k, v, key_padding_mask)
+    mask = _valid_keys(valid_keys, key_padding_mask)
+    _check_inputs(q, k, v, mask)
     chosen = resolve_backend(backend, q)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     empty = None
-    mask = key_padding_mask
     if mask is not None:
         # Samples without any real key would give NaN in the fused kernels: let them attend to
         # everything, then zero their output. On CPU, inspecting the mask is free and lets a

@@ -163,7 +163,7 @@ def _bucketed(
             q[bucket.q_index],
             k[bucket.kv_index],
             v[bucket.kv_index],
-            key_padding_mask=bucket.kv_mask,
+            valid_keys=bucket.kv_mask,
             backend=backend,
             scale=scale,
             dropout_p=dropout_p,

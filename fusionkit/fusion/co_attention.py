@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from fusionkit.attention import PackedSequences, attention, resolve_backend, varlen_attention
+from fusionkit.errors import ConfigError
 from fusionkit.fusion.inputs import (
     FusionOutput,
     check_dims,
@@ -127,7 +128,7 @@ class CoAttention(nn.Module):
 
         def padded(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             return attention(
-                q, k, v, key_padding_mask=kv_mask, backend=backend, dropout_p=dropout_p
+                q, k, v, valid_keys=kv_mask, backend=backend, dropout_p=dropout_p
             )
 
         return padded
@@ -138,6 +139,7 @@ class CoAttention(nn.Module):
         masks: Mapping[str, Tensor] | None = None,
         *,
         return_tokens: bool = False,
+        return_attention: bool = False,
     ) -> FusionOutput:
         """Fuse the tokens of all given modalities.
 
@@ -145,13 +147,23 @@ class CoAttention(nn.Module):
             tokens: Modality → ``(B, N_m, C_m)``; a modality left out is absent for the batch.
             masks: Modality → ``(B, N_m)`` bool, True = real token (default: all real).
             return_tokens: Also return every fused token.
+            return_attention: Not supported: the streams attend separately, so there is no
+                single token-to-token attention map to record (use the ``transformer``
+                sequence fusion to explain).
 
         Returns:
             A `fusionkit.fusion.FusionOutput`.
 
         Raises:
             ShapeError: Inputs of the wrong rank, width, batch size or mask shape.
+            ConfigError: ``return_attention=True``.
         """
+        if return_attention:
+            raise ConfigError(
+                "sequence fusion 'co_attention' cannot record attention probabilities: each "
+                "modality's stream attends separately, so there is no one token-to-token map "
+                "(fusionkit explain needs fusion.sequence.name: transformer)"
+            )
         _, masks = check_token_inputs(tokens, masks, self.input_dims)
         streams, stream_masks, present = {}, {}, {}
         for i, name in enumerate(self.modalities):

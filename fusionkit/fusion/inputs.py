@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from fusionkit.errors import ShapeError
+from fusionkit.errors import ConfigError, ShapeError
 
 __all__ = [
     "FusionOutput",
     "check_dims",
     "check_input_dims",
     "check_modality_inputs",
+    "check_records_attention",
     "check_token_inputs",
 ]
 
@@ -199,3 +201,36 @@ def check_modality_inputs(
     # Absent rows may hold anything (even NaN); zero them so they cannot leak into the sum.
     stacked = stacked.masked_fill(~mask[..., None], 0.0)
     return stacked, mask
+
+
+def check_records_attention(fusion: nn.Module) -> None:
+    """Fail clearly when a sequence fusion cannot record its attention probabilities.
+
+    Every sequence fusion takes ``forward(tokens, masks, *, return_tokens=False,
+    return_attention=False)``; one that cannot record attention raises `ConfigError` itself
+    when asked to. A plugin written without the keyword is caught here, before the call,
+    instead of failing with a ``TypeError`` inside it.
+
+    Args:
+        fusion: A sequence-fusion module.
+
+    Raises:
+        ConfigError: ``fusion.forward`` takes no ``return_attention`` keyword.
+
+    Examples:
+        >>> try:
+        ...     check_records_attention(nn.Identity())
+        ... except ConfigError as error:
+        ...     print(str(error).split(":")[0])
+        sequence fusion Identity cannot record attention probabilities
+    """
+    parameters = inspect.signature(fusion.forward).parameters
+    if "return_attention" in parameters or any(
+        p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()
+    ):
+        return
+    raise ConfigError(
+        f"sequence fusion {type(fusion).__name__} cannot record attention probabilities: its "
+        "forward takes no return_attention keyword (every sequence fusion should take "
+        "forward(tokens, masks, *, return_tokens=False, return_attention=False))"
+    )

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+from einops import rearrange
 from torch import Tensor, nn
 
 __all__ = [
@@ -50,9 +51,10 @@ class SelfAttention(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, attend: Attend) -> Tensor:
-        qkv = self.qkv(self.norm(x)).unflatten(-1, (3, self.heads, -1))
-        q, k, v = qkv.unbind(-3)
-        return x + self.drop(self.proj(attend(q, k, v).flatten(-2)))
+        # "...": (B, L) on a padded batch, (T,) on a packed stream.
+        qkv = rearrange(self.qkv(self.norm(x)), "... (n h d) -> n ... h d", n=3, h=self.heads)
+        out = attend(*qkv.unbind(0))
+        return x + self.drop(self.proj(rearrange(out, "... h d -> ... (h d)")))
 
 
 class CrossAttention(nn.Module):
@@ -69,9 +71,11 @@ class CrossAttention(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: Tensor, context: Tensor, attend: Attend) -> Tensor:
-        q = self.q(self.norm_q(x)).unflatten(-1, (self.heads, -1))
-        k, v = self.kv(self.norm_kv(context)).unflatten(-1, (2, self.heads, -1)).unbind(-3)
-        return x + self.drop(self.proj(attend(q, k, v).flatten(-2)))
+        q = rearrange(self.q(self.norm_q(x)), "... (h d) -> ... h d", h=self.heads)
+        kv = self.kv(self.norm_kv(context))
+        k, v = rearrange(kv, "... (n h d) -> n ... h d", n=2, h=self.heads).unbind(0)
+        out = attend(q, k, v)
+        return x + self.drop(self.proj(rearrange(out, "... h d -> ... (h d)")))
 
 
 class FeedForward(nn.Module):

@@ -215,10 +215,10 @@ class SequenceWiseAttention(nn.Module):
 
         def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
             if record is not None:
-                probs = attention_probabilities(q, k, key_padding_mask=mask)
+                probs = attention_probabilities(q, k, valid_keys=mask)
                 record.append(probs)
                 return torch.einsum("bhqk,bkhd->bqhd", probs, v)
-            return attention(q, k, v, key_padding_mask=mask, backend=backend, dropout_p=dropout_p)
+            return attention(q, k, v, valid_keys=mask, backend=backend, dropout_p=dropout_p)
 
         for layer in self.layers:
             x = layer(x, attend)

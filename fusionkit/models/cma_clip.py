@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from fusionkit import registry
 from fusionkit.encoders.base import check_images
-from fusionkit.errors import CheckpointError, ShapeError
+from fusionkit.errors import CheckpointError, ConfigError, ShapeError
+from fusionkit.fusion.inputs import check_records_attention
 from fusionkit.heads import MultiTaskHead, hide_labels
 from fusionkit.io import (
     load_weights,
@@ -265,8 +266,18 @@ class CMACLIP(nn.Module):
 
         Returns:
             A `CMACLIPOutput`.
+
+        Raises:
+            ConfigError: ``return_attention=True`` and the model has no sequence fusion, or
+                one that cannot record attention.
         """
         attentions = spans = None
+        if return_attention:
+            if self.sequence_fusion is None:
+                raise ConfigError(
+                    "return_attention needs sequence-wise attention (fusion.sequence is null)"
+                )
+            check_records_attention(self.sequence_fusion)
         if self.sequence_fusion is not None:
             kwargs = {"return_attention": True} if return_attention else {}
             fused = self.sequence_fusion(tokens, masks, **kwargs)
