@@ -21,8 +21,10 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(PY) -m fusionkit.demo
 
+# ruff, then the import contracts of pyproject.toml: layers point down, no import cycles.
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(PY) -m pytest -q

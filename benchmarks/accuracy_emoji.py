@@ -186,7 +186,7 @@ def predictions_on_test(run: Path, test: Path) -> list[dict[str, Any]]:
     Returns:
         Per sample, task → ``{"label", "score", "scores"}`` (see ``Predictor.predict``).
     """
-    from fusionkit.training import Predictor
+    from fusionkit.serving import Predictor
 
     cache = run / "test_predictions.json"
     if cache.is_file():
@@ -491,8 +491,7 @@ def explain_example() -> dict[str, Any]:
     """
     import csv
 
-    from fusionkit.explain import explain
-    from fusionkit.training import Predictor
+    from fusionkit.serving import Predictor, explain
 
     data = ROOT / "data-flag"
     with (data / "test.csv").open(newline="", encoding="utf-8") as handle:

@@ -89,7 +89,8 @@ def run_model(dataset: str, preset: str, model: str, seed: int) -> dict[str, Any
     Returns:
         The test report plus ``seed`` and ``train_seconds`` (wall time of ``fit``).
     """
-    from fusionkit.training import Predictor, Trainer, build_run_config, evaluate_checkpoint
+    from fusionkit.serving import Predictor
+    from fusionkit.training import Trainer, build_run_config, evaluate_checkpoint
 
     run = run_dir(dataset, preset, model, seed)
     done = run / "test_report.json"

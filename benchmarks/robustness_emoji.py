@@ -137,7 +137,7 @@ def weights_by_corruption(predictor: Any, manifest: Path) -> dict[str, float]:
     """Mean group-task text weight of a model on the corrupted and on the clean samples.
 
     Args:
-        predictor: A ``fusionkit.training.Predictor`` of the model.
+        predictor: A ``fusionkit.serving.Predictor`` of the model.
         manifest: A :func:`corrupted_manifest` with some samples corrupted and some not.
 
     Returns:
@@ -225,7 +225,8 @@ def main() -> None:
         >>> main()  # doctest: +SKIP
     """
     from fusionkit.io import atomic_write_text
-    from fusionkit.training import Predictor, evaluate_checkpoint
+    from fusionkit.serving import Predictor
+    from fusionkit.training import evaluate_checkpoint
 
     results: dict[str, dict[str, dict[float, dict[str, Any]]]] = {m: {} for m in MODELS}
     runs = {model: model_run(model) for model in MODELS}

@@ -229,7 +229,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     from fusionkit.errors import ConfigError
-    from fusionkit.training import Predictor
+    from fusionkit.serving import Predictor
 
     if args.manifest is None and args.image is None and args.text is None:
         raise ConfigError("give --image and/or --text, or --manifest with --out")
@@ -321,7 +321,7 @@ def _row_count(manifest: Any) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from fusionkit.explain import explain
+    from fusionkit.serving import explain
 
     result = explain(
         args.checkpoint, args.image, args.text, args.out, token=args.token,

@@ -20,6 +20,7 @@ __all__ = [
     "RegistryError",
     "ShapeError",
     "StorageError",
+    "TrainingError",
 ]
 
 
@@ -57,6 +58,10 @@ class MissingDependencyError(FusionkitError, ImportError):
 
 class BackendUnavailableError(FusionkitError, RuntimeError):
     """An attention backend was asked for where it cannot run (the message says why)."""
+
+
+class TrainingError(FusionkitError, RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
 
 
 class StorageError(FusionkitError, OSError):

@@ -12,8 +12,10 @@ from typing import Any
 
 from fusionkit.errors import ConfigError
 
-__all__ = ["MISSING_LABEL", "TaskSpec", "parse_tasks"]
+__all__ = ["MISSING_LABEL", "MULTI_LABEL_THRESHOLD", "TaskSpec", "parse_tasks"]
 
+#: A multi-label class is predicted when its sigmoid probability reaches this.
+MULTI_LABEL_THRESHOLD = 0.5
 #: The target value of a missing single-label target (as in ``torch.nn.CrossEntropyLoss``).
 MISSING_LABEL = -100
 

@@ -9,8 +9,8 @@ from PIL import Image
 import fusionkit
 from fusionkit.cli import main
 from fusionkit.errors import ConfigError
-from fusionkit.explain import attention_map, explain, feature_grid
 from fusionkit.models import build_model
+from fusionkit.serving import attention_map, explain, feature_grid
 from fusionkit.training import build_run_config
 
 

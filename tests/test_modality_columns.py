@@ -16,8 +16,9 @@ from PIL import Image
 
 from fusionkit.data import ManifestDataset, write_manifest
 from fusionkit.errors import DataError
+from fusionkit.serving import Predictor
 from fusionkit.tasks import TaskSpec
-from fusionkit.training import Predictor, Trainer, build_run_config, evaluate_checkpoint
+from fusionkit.training import Trainer, build_run_config, evaluate_checkpoint
 
 TASKS = {"color": TaskSpec.from_classes(["blue", "red"])}
 # Image sizes (width, height) cycled over the rows: no two neighbours alike.

@@ -44,14 +44,14 @@ from fusionkit.errors import (
 )
 from fusionkit.io import load_weights, read_yaml
 from fusionkit.models import CMACLIP, ModelConfig, build_model
-from fusionkit.tasks import TaskSpec
-from fusionkit.training import Trainer, build_run_config
-from fusionkit.training.checkpoint import (
+from fusionkit.runs import (
     find_checkpoint,
     load_model_weights,
     read_trainer_state,
     save_checkpoint,
 )
+from fusionkit.tasks import TaskSpec
+from fusionkit.training import Trainer, build_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = {"color": {"classes": ["blue", "red"]}}
@@ -439,7 +439,7 @@ def _disk_full_at(monkeypatch, file_name: str) -> None:
         return real(path, partial)
 
     monkeypatch.setattr(fusionkit.io, "atomic_write", full)
-    monkeypatch.setattr("fusionkit.training.checkpoint.atomic_write", full)
+    monkeypatch.setattr("fusionkit.runs.atomic_write", full)
 
 
 @pytest.mark.parametrize("file_name", DISK_FULL_AT)

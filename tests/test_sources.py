@@ -12,14 +12,13 @@ import yaml
 from helpers_training import tiny_run_config
 
 from fusionkit.cli import main
-from fusionkit.data import CATALOGUE_TASKS, ManifestDataset, infer_tasks
+from fusionkit.data import CATALOGUE_TASKS, ManifestDataset, check_manifest, infer_tasks
 from fusionkit.data import synthetic as synthetic_module
 from fusionkit.data.sources import (
     CATALOGUE,
     SOURCES,
     STAMP,
     DataSource,
-    check_manifest,
     resolve_manifest,
     source_dir,
 )

@@ -15,12 +15,13 @@ import torch
 import yaml
 from helpers_training import assert_same_final_run
 
+from fusionkit.config import TrainConfig, parse_section
 from fusionkit.data import generate_catalogue
 from fusionkit.errors import ConfigError
 from fusionkit.io import load_weights
 from fusionkit.models import CMACLIP, build_model
-from fusionkit.training import Predictor, Trainer, TrainingError, build_run_config
-from fusionkit.training.config import TrainConfig, parse_section
+from fusionkit.serving import Predictor
+from fusionkit.training import Trainer, TrainingError, build_run_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,8 +74,8 @@ def test_train_two_epochs_writes_metrics_and_loadable_checkpoints(catalogue, tin
 @pytest.mark.parametrize("frozen", [True, False], ids=["cached", "live"])
 def test_train_without_validation_keeps_the_final_weights(catalogue, tiny_bert_dir, tmp_path,
                                                           frozen):
+    from fusionkit.runs import resolve_run_dir
     from fusionkit.training import evaluate_checkpoint
-    from fusionkit.training.loop import resolve_run_dir
 
     config = tiny_config(catalogue, tiny_bert_dir, tmp_path, frozen=frozen, epochs=2)
     del config["data"]["val"]
@@ -280,7 +281,7 @@ def test_modality_dropout_hides_one_modality_in_training_only(catalogue, tiny_be
 
 def test_modality_swap_runs_on_every_training_batch(catalogue, tiny_bert_dir, tmp_path,
                                                     monkeypatch):
-    import fusionkit.training.loop as loop
+    import fusionkit.training.step as loop
 
     calls = []
     original = loop.swap_modalities

@@ -21,6 +21,7 @@ from fusionkit.data.manifest import (
     ManifestDataset,
     ManifestRecord,
     Sample,
+    check_manifest,
     infer_tasks,
     open_image,
     write_manifest,
@@ -31,7 +32,7 @@ from fusionkit.data.synthetic import (
     SPLITS,
     generate_catalogue,
 )
-from fusionkit.data.transforms import build_image_transform, transform_key
+from fusionkit.data.transforms import build_image_transform, image_data_config, transform_key
 
 __all__ = [
     "CATALOGUE_TASKS",
@@ -45,8 +46,10 @@ __all__ = [
     "Sample",
     "SampleCollator",
     "build_image_transform",
+    "check_manifest",
     "collate_samples",
     "generate_catalogue",
+    "image_data_config",
     "infer_tasks",
     "make_collate",
     "open_image",

@@ -43,6 +43,7 @@ __all__ = [
     "ManifestDataset",
     "ManifestRecord",
     "Sample",
+    "check_manifest",
     "infer_tasks",
     "open_image",
 ]
@@ -190,6 +191,38 @@ def _read_manifest(path: str | Path) -> tuple[Path, list[str], list[tuple[int, d
     except OSError as error:
         raise DataError(f"{manifest}: cannot read the manifest ({error})") from None
     return manifest, columns, rows
+
+
+def check_manifest(
+    path: str | os.PathLike[str],
+    *,
+    modalities: Sequence[str] = ("image", "text"),
+    tasks: Sequence[str] = (),
+) -> Path:
+    """Resolve a manifest and check it is readable and has the needed columns.
+
+    A quick check to run before loading models: the rows' contents (image files, labels) are
+    checked later by :class:`~fusionkit.data.ManifestDataset`.
+
+    Args:
+        path: A manifest file or a named source (see
+            :func:`~fusionkit.data.sources.resolve_manifest`).
+        modalities: The modality columns the model reads.
+        tasks: The task columns.
+
+    Returns:
+        The resolved manifest path.
+
+    Raises:
+        DataError: The file is missing, unreadable or malformed, or lacks a needed column.
+
+    Examples:
+        >>> check_manifest("synthetic:train", tasks=["color"]).name  # doctest: +SKIP
+        'train.csv'
+    """
+    manifest, columns, _ = _read_manifest(path)
+    require_columns(manifest, columns, check_modalities(modalities), tasks)
+    return manifest
 
 
 def _split_labels(cell: str, multi_label: bool) -> list[str]:

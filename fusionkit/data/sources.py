@@ -35,7 +35,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +47,6 @@ __all__ = [
     "SOURCES",
     "STAMP",
     "DataSource",
-    "check_manifest",
     "data_dir",
     "materialize_source",
     "resolve_manifest",
@@ -291,37 +290,3 @@ def resolve_manifest(path: str | os.PathLike[str]) -> Path:
             f"{path}: data source {name!r} has no split {split!r}; splits: {sorted(splits)}"
         )
     return splits[split]
-
-
-def check_manifest(
-    path: str | os.PathLike[str],
-    *,
-    modalities: Sequence[str] = ("image", "text"),
-    tasks: Sequence[str] = (),
-) -> Path:
-    """Resolve a manifest and check it is readable and has the needed columns.
-
-    A quick check to run before loading models: the rows' contents (image files, labels) are
-    checked later by :class:`~fusionkit.data.ManifestDataset`.
-
-    Args:
-        path: A manifest file or a named source (see :func:`resolve_manifest`).
-        modalities: The modality columns the model reads.
-        tasks: The task columns.
-
-    Returns:
-        The resolved manifest path.
-
-    Raises:
-        DataError: The file is missing, unreadable or malformed, or lacks a needed column.
-
-    Examples:
-        >>> check_manifest("synthetic:train", tasks=["color"]).name  # doctest: +SKIP
-        'train.csv'
-    """
-    from fusionkit.data.columns import check_modalities, require_columns
-    from fusionkit.data.manifest import _read_manifest
-
-    manifest, columns, _ = _read_manifest(path)
-    require_columns(manifest, columns, check_modalities(modalities), tasks)
-    return manifest

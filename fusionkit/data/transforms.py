@@ -27,7 +27,7 @@ from timm.data import (
 
 from fusionkit.errors import ConfigError
 
-__all__ = ["build_image_transform", "transform_key"]
+__all__ = ["build_image_transform", "image_data_config", "transform_key"]
 
 # Bump when the meaning of a key changes (a new recipe), so old feature caches are not reused.
 _KEY_VERSION = "fusionkit-image-v1"
@@ -100,6 +100,28 @@ def _resolve(data_config: Mapping[str, Any]) -> _Resolved:
             f"data config 'crop_mode': unknown {crop_mode!r}; known: {list(_CROP_MODES)}"
         )
     return _Resolved((3, size[1], size[2]), mean, std, interpolation, float(crop_pct), crop_mode)
+
+
+def image_data_config(
+    backbone_config: Mapping[str, Any], image_size: int | None = None
+) -> dict[str, Any]:
+    """A vision backbone's data config, with ``input_size`` set to ``image_size``.
+
+    Args:
+        backbone_config: The encoder's timm data config (``encoder.data_config``).
+        image_size: Square side in pixels, or ``None`` for the backbone's own.
+
+    Returns:
+        A data config for `build_image_transform`.
+
+    Examples:
+        >>> image_data_config({"input_size": (3, 224, 224), "crop_pct": 0.9}, 96)["input_size"]
+        (3, 96, 96)
+    """
+    config = dict(backbone_config)
+    if image_size is not None:
+        config["input_size"] = (3, image_size, image_size)
+    return config
 
 
 def build_image_transform(

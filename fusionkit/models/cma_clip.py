@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from fusionkit import registry
+from fusionkit.config import ModelConfig
 from fusionkit.encoders.base import check_images
 from fusionkit.errors import CheckpointError, ConfigError, ShapeError
 from fusionkit.fusion.inputs import check_records_attention
@@ -25,7 +26,6 @@ from fusionkit.io import (
     write_checksums,
     write_yaml,
 )
-from fusionkit.models.config import ModelConfig
 from fusionkit.models.unimodal import LateFusionBlend, UnimodalHeads, masked_mean
 
 __all__ = [
@@ -183,6 +183,22 @@ class CMACLIP(nn.Module):
         encoder = self.vision if modality == "image" else self.text
         assert encoder is not None
         return encoder
+
+    def encoders(self) -> dict[str, nn.Module]:
+        """Modality → its encoder, for every modality the model uses.
+
+        Returns:
+            The encoders, in the order of `modalities`.
+        """
+        return {modality: self._encoder(modality) for modality in self.modalities}
+
+    def frozen_modalities(self) -> list[str]:
+        """The modalities whose encoder is frozen (``freeze: true``), which a cache can serve.
+
+        Returns:
+            Modality names, in the order of `modalities`.
+        """
+        return [m for m, encoder in self.encoders().items() if getattr(encoder, "frozen", False)]
 
     @property
     def tasks(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,13 +40,16 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fusionkit.errors import TrainingError
 from fusionkit.heads import hide_labels
+from fusionkit.io import write_json
 from fusionkit.tasks import MISSING_LABEL
 
 __all__ = [
     "DistContext",
     "all_gather_objects",
     "barrier",
+    "check_replicas",
     "env_rank",
     "init_distributed",
     "local_main_first",
@@ -378,3 +382,23 @@ def parameters_digest(model: nn.Module) -> str:
         digest.update(name.encode())
         digest.update(parameter.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def check_replicas(model: nn.Module, ctx: DistContext, record: Path) -> None:
+    """Compare every rank's parameters; rank 0 writes their digests to ``record``.
+
+    Args:
+        model: This rank's model.
+        ctx: The distributed context.
+        record: Where rank 0 writes the digests (``replicas.json`` of the run folder).
+
+    Raises:
+        TrainingError: The ranks ended with different weights.
+    """
+    digests = all_gather_objects(ctx, parameters_digest(model))
+    if ctx.is_main:
+        write_json(record, {"world_size": ctx.world_size, "parameters_sha256": digests})
+    if len(set(digests)) > 1:
+        raise TrainingError(
+            f"the {ctx.world_size} processes ended with different weights; see {record}"
+        )

@@ -19,8 +19,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
+from fusionkit.config import DataConfig, parse_section
+from fusionkit.data import ManifestDataset, build_image_transform, image_data_config, make_collate
+from fusionkit.device import resolve_device
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.io import write_json
+from fusionkit.models import CMACLIP
+from fusionkit.runs import report_path, resolve_run_dir
 from fusionkit.tasks import TaskSpec
 from fusionkit.training import metrics
 from fusionkit.training.cache import batch_tokens
@@ -371,11 +376,6 @@ def evaluate_checkpoint(
     Examples:
         >>> report = evaluate_checkpoint("runs/quickstart")  # doctest: +SKIP
     """
-    from fusionkit.data import ManifestDataset, build_image_transform, make_collate
-    from fusionkit.models import CMACLIP
-    from fusionkit.training.config import DataConfig, parse_section
-    from fusionkit.training.loop import image_data_config, resolve_device, resolve_run_dir
-
     folder = resolve_run_dir(checkpoint)
     dev = resolve_device(device)
     model = CMACLIP.from_pretrained(folder, map_location=dev)
@@ -385,7 +385,7 @@ def evaluate_checkpoint(
         raise ConfigError("no data to evaluate on: pass --data or set data.test in the config")
     transform, image_shape = None, None
     if model.vision is not None:
-        config = image_data_config(model, data_cfg.image_size)
+        config = image_data_config(model.vision.data_config, data_cfg.image_size)
         transform = build_image_transform(config)
         image_shape = tuple(config["input_size"])
     dataset = ManifestDataset(
@@ -403,12 +403,7 @@ def evaluate_checkpoint(
     report = compute_report(outputs, model.tasks, model.modalities, precisions)
     report = {"checkpoint": str(folder), "data": str(manifest), **report}
     report["skipped_rows"] = dict(dataset.skipped)
-    target = Path(output) if output is not None else _report_path(folder)
+    target = Path(output) if output is not None else report_path(folder)
     write_json(target, report)
     report["report_path"] = str(target)
     return report
-
-
-def _report_path(folder: Path) -> Path:
-    run = folder.parent if folder.name in ("best", "last") else folder
-    return run / "report.json"

@@ -1,12 +1,15 @@
 """The trainer: AdamW with warm-up + cosine, checkpoints, exact resume and the feature cache.
 
-Outputs in the run folder:
+`fit` reads as the loop it runs: set up, then per epoch the steps (`_train_epoch`) and the
+validation with early stopping (`_end_epoch`), then `best/` reloaded and reported. Outputs in the
+run folder (laid out by :mod:`fusionkit.runs`):
 
 - ``config.yaml``: the resolved config (tasks inferred from the data are written out);
 - ``metrics.jsonl``: one JSON line per finished epoch. The file is rewritten whole with
   :func:`~fusionkit.io.atomic_write` from the history kept in the trainer state, so after a kill
   it never holds half a line nor an epoch the ``last/`` checkpoint does not know about;
-- ``best/`` (highest mean validation accuracy over tasks) and ``last/``: checkpoints loadable
+- ``val_report.json``: the validation report of ``best/``;
+- ``best/`` (the best epoch by ``train.best_metric``) and ``last/``: checkpoints loadable
   with :meth:`~fusionkit.models.CMACLIP.from_pretrained`; ``last/`` also holds the optimizer,
   scheduler and RNG states for ``resume``. Without a validation set (``data.val`` not given: a
   final fit on all labelled data for a schedule chosen before) no epoch is validated, no
@@ -27,224 +30,65 @@ RNG state, so a resumed run with the same number of processes replays the same r
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
 import os
-import random
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
-from fusionkit.errors import ConfigError, DataError, FusionkitError
-from fusionkit.io import atomic_write_text, read_yaml, write_json, write_yaml
-from fusionkit.training.augment import drop_modalities, swap_modalities
-from fusionkit.training.cache import (
-    CacheStats,
-    FeatureCollator,
-    batch_tokens,
-    default_cache_dir,
-    encode_dataset,
-)
-from fusionkit.training.checkpoint import (
+from fusionkit.config import DataConfig, ModelConfig, TrainConfig, parse_section
+from fusionkit.data import check_manifest
+from fusionkit.device import autocast, resolve_device, resolve_precision
+from fusionkit.errors import ConfigError, TrainingError
+from fusionkit.io import atomic_write_text, write_json, write_yaml
+from fusionkit.models import build_model
+from fusionkit.runs import (
+    BEST,
+    CONFIG_FILE,
+    LAST,
+    METRICS_FILE,
+    REPLICAS_FILE,
+    VAL_REPORT_FILE,
     find_checkpoint,
     load_model_weights,
     read_trainer_state,
     save_checkpoint,
 )
-from fusionkit.training.config import DataConfig, TrainConfig, parse_section
+from fusionkit.training.cache import CacheStats
 from fusionkit.training.distributed import (
     DistContext,
     all_gather_objects,
+    check_replicas,
     init_distributed,
-    local_main_first,
-    mask_targets,
-    parameters_digest,
-    shard,
     sharded_loss,
     shutdown,
     unused_parameters,
     wrap_ddp,
 )
-from fusionkit.training.evaluate import (
-    EvalOutputs,
-    collect_outputs,
-    compute_report,
-    forward_batch,
+from fusionkit.training.evaluate import forward_batch
+from fusionkit.training.optim import build_optimizer, build_scheduler
+from fusionkit.training.run_config import build_run_config
+from fusionkit.training.sources import (
+    Sources,
+    balanced_class_weights,
+    build_sources,
+    epoch_batches,
 )
+from fusionkit.training.state import rng_state, seed_everything, set_rng_state
+from fusionkit.training.step import TrainingForward
+from fusionkit.training.validation import gather_outputs, validation_report
 
-__all__ = [
-    "TrainResult",
-    "Trainer",
-    "TrainingError",
-    "build_run_config",
-    "image_data_config",
-    "resolve_device",
-    "resolve_precision",
-    "resolve_run_dir",
-    "train",
-]
+__all__ = ["TrainResult", "Trainer", "TrainingError", "train"]
 
 _LOG = logging.getLogger("fusionkit.training")
-METRICS_FILE = "metrics.jsonl"
-REPLICAS_FILE = "replicas.json"
-VAL_REPORT_FILE = "val_report.json"
 
-
-class TrainingError(FusionkitError, RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` → CUDA when available, else CPU.
-
-    Args:
-        name: ``auto``, ``cpu`` or ``cuda`` (``cuda:N`` accepted).
-
-    Returns:
-        The device.
-
-    Raises:
-        ConfigError: CUDA asked for but not available, or an unknown name.
-
-    Examples:
-        >>> resolve_device("cpu")
-        device(type='cpu')
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r}: CUDA is not available here; use cpu or auto")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise ConfigError(f"device: expected auto, cpu or cuda, got {name!r}")
-
-
-def resolve_run_dir(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint folder from a checkpoint or run folder.
-
-    A run folder gives its ``best/``, or its ``last/`` when it has no ``best/`` (a run trained
-    without a validation set).
-
-    Args:
-        path: ``run/best``, ``run/last`` or ``run``.
-
-    Returns:
-        The folder holding ``config.yaml`` and ``model.safetensors``.
-
-    Examples:
-        >>> resolve_run_dir("runs/quickstart")  # doctest: +SKIP
-        PosixPath('runs/quickstart/best')
-    """
-    folder = Path(path)
-    if (folder / "model.safetensors").is_file():
-        return folder
-    for name in ("best", "last"):
-        if (folder / name).is_dir():
-            return folder / name
-    return folder
-
-
-def image_data_config(model: Any, image_size: int | None) -> dict[str, Any]:
-    """The vision backbone's timm data config, with ``input_size`` set to ``image_size``.
-
-    Args:
-        model: A model with a ``vision`` encoder.
-        image_size: Square side in pixels, or ``None`` for the backbone's default.
-
-    Returns:
-        A data config for :func:`~fusionkit.data.build_image_transform`.
-
-    Examples:
-        >>> image_data_config(model, 96)["input_size"]  # doctest: +SKIP
-        (3, 96, 96)
-    """
-    config = dict(model.vision.data_config)
-    if image_size is not None:
-        config["input_size"] = (3, image_size, image_size)
-    return config
-
-
-def build_run_config(
-    config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
-    *,
-    train: str | None = None,
-    val: str | None = None,
-    tasks: Sequence[str] | None = None,
-    epochs: int | None = None,
-    seed: int | None = None,
-    device: str | None = None,
-    preset: str | None = None,
-) -> Any:
-    """Read a run config and apply command-line overrides; infer tasks from the data if needed.
-
-    Without a config this is the default preset's model (offline EfficientNet-Lite0 + MiniLM
-    CMA-CLIP, see :mod:`fusionkit.training.presets`) with every label column of ``train`` (or
-    the ``tasks`` named) as a task.
-
-    Args:
-        config: YAML path or mapping (``None`` = the preset alone).
-        train: Training manifest (overrides ``data.train``).
-        val: Validation manifest (overrides ``data.val``).
-        tasks: Task columns (overrides ``data.tasks``).
-        epochs: Overrides ``train.epochs``.
-        seed: Overrides ``train.seed``.
-        device: Overrides ``train.device``.
-        preset: A preset (``fast``, ``medium``, ``best``) filling in what the config leaves
-            out; without a config, ``None`` means the default preset.
-
-    Returns:
-        The validated :class:`~fusionkit.models.ModelConfig`.
-
-    Raises:
-        ConfigError: An invalid config or preset name, or no tasks and no training data to
-            infer them from.
-        DataError: The training manifest cannot be read.
-
-    Examples:
-        >>> config = build_run_config(train="train.csv", val="val.csv")  # doctest: +SKIP
-    """
-    from fusionkit.data import infer_tasks
-    from fusionkit.models import ModelConfig
-    from fusionkit.training.presets import DEFAULT_PRESET, apply_preset
-
-    if config is None:
-        raw: dict[str, Any] = {}
-    elif isinstance(config, Mapping):
-        raw = dict(config)
-    else:
-        raw = read_yaml(config)
-    if preset is None and config is None:
-        preset = DEFAULT_PRESET
-    if preset is not None:
-        raw = apply_preset(raw, preset)
-    data = dict(raw.get("data") or {})
-    for key, value in (("train", train), ("val", val), ("tasks", list(tasks) if tasks else None)):
-        if value is not None:
-            data[key] = value
-    section = dict(raw.get("train") or {})
-    for key, value in (("epochs", epochs), ("seed", seed), ("device", device)):
-        if value is not None:
-            section[key] = value
-    raw["data"], raw["train"] = data, section
-    data_cfg = parse_section(DataConfig, data, "data")
-    parse_section(TrainConfig, section, "train")
-    if "tasks" not in raw:
-        if data_cfg.train is None:
-            raise ConfigError("tasks: missing, and no data.train (--train) to infer them from")
-        inferred = infer_tasks(data_cfg.train, data_cfg.tasks, data_cfg.multi_label or None)
-        raw["tasks"] = {name: spec.to_dict() for name, spec in inferred.items()}
-    return ModelConfig.from_dict(raw)
 
 
 @dataclass
@@ -275,188 +119,39 @@ class TrainResult:
         return self.output_dir / "last"
 
 
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+
+@dataclass
+class _Run:
+    """Everything one `Trainer.fit` works on, built by `Trainer._setup`."""
+
+    model: Any
+    sources: Sources
+    step_module: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    state: dict[str, Any]
+    steps_per_epoch: int
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Seed ``random`` and numpy in a DataLoader worker from its torch seed."""
-    seed = torch.initial_seed() % 2**32
-    random.seed(seed)
-    np.random.seed(seed)
-
-
-def _rng_state() -> dict[str, Any]:
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-        "python": list(random.getstate()[1]),
-        "python_version": random.getstate()[0],
-        "python_gauss": random.getstate()[2],
+def _fresh_state() -> dict[str, Any]:
+    return {
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "step": 0,
+        "epoch_loss_sum": 0.0,
+        "epoch_seconds": 0.0,
+        "best_score": None,
+        "best_epoch": 0,
+        "stopped_early": False,
+        "history": [],
     }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _warmup_cosine(total: int, warmup_ratio: float, min_ratio: float) -> Any:
-    warmup = round(total * warmup_ratio)
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of ``train.precision`` on ``device`` (``None`` = float32, no autocast).
-
-    Args:
-        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
-        device: The training device.
-
-    Returns:
-        ``torch.bfloat16``, ``torch.float16`` or ``None``. ``auto`` is bfloat16 on CUDA and
-        float32 on CPU.
-
-    Raises:
-        ConfigError: ``fp16`` on a device other than CUDA (float16 training needs a gradient
-            scaler and CUDA kernels; use ``bf16`` or ``fp32`` there).
-
-    Examples:
-        >>> resolve_precision("auto", torch.device("cpu")) is None
-        True
-    """
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError(
-            f"train.precision: fp16 needs CUDA, but the device is {device.type}; "
-            "use bf16 or fp32 (the default on CPU)"
-        )
-    if precision == "auto":
-        return torch.bfloat16 if device.type == "cuda" else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> Any:
-    # A disabled autocast still validates its dtype; bfloat16 is valid on every device.
-    return torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-class _CompileFallback:
-    """``torch.compile(fn)`` that falls back to ``fn`` for good when compiling fails.
-
-    Compilation is lazy: it can fail when ``torch.compile`` is called or at the first call
-    (no C++ compiler, an unsupported operation); a failure is logged once as a warning.
-    """
-
-    def __init__(self, fn: Callable[..., Any]) -> None:
-        self.eager = fn
-        self.compiled: Callable[..., Any] | None = None
-        try:
-            self.compiled = torch.compile(fn)
-        except Exception as error:  # any compiler failure means: run eagerly
-            self._give_up(error)
-
-    def _give_up(self, error: Exception) -> None:
-        self.compiled = None
-        _LOG.warning(
-            "train.compile: torch.compile failed (%s: %s); training without compilation",
-            type(error).__name__,
-            str(error).splitlines()[0] if str(error) else "",
-        )
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except Exception as error:  # a genuine error reappears eagerly
-                self._give_up(error)
-        return self.eager(*args, **kwargs)
-
-
-class _TrainingForward(nn.Module):
-    """The training forward as a module, so that DDP can hook it.
-
-    Runs the encoders (or takes cached features of frozen ones) and then the fusion stack,
-    compiled with ``train.compile``. The model's own ``forward`` stays eager and its state
-    dict unchanged.
-    """
-
-    def __init__(self, model: nn.Module, device: torch.device, config: TrainConfig) -> None:
-        super().__init__()
-        self.model = model
-        self.device = device
-        self.modality_dropout = config.modality_dropout
-        self.modality_swap = config.modality_swap
-        self.swap_modality = config.swap_modality
-        self.fuse = (
-            _CompileFallback(model.forward_head) if config.compile else model.forward_head
-        )
-
-    def forward(self, batch: Any) -> Any:
-        tokens, masks = batch_tokens(self.model, batch, self.device)
-        if self.modality_swap and self.swap_modality in tokens:
-            tokens, masks = swap_modalities(tokens, masks, self.modality_swap, self.swap_modality)
-        if self.modality_dropout:
-            masks = drop_modalities(masks, self.modality_dropout)
-        return self.fuse(tokens, masks)
-
-
-def _fit_blend(model: Any, blend: Any, outputs: EvalOutputs) -> EvalOutputs:
-    """Fit ``blend`` on ``outputs`` (see :func:`~fusionkit.training.blend.fit_blend`), set it
-    on the model, and return the outputs with the blended scores."""
-    from fusionkit.training.blend import blend_probabilities, fit_blend
-
-    available = {"fused": torch.ones(len(outputs.ids), dtype=torch.bool), **outputs.present}
-    scores, rows = dict(outputs.scores), {}
-    for task, spec in model.tasks.items():
-        by_source = {s: outputs.sources[s][task] for s in blend.sources}
-        fitted = fit_blend(by_source, outputs.targets[task], spec, available=available)
-        blend.set_weights(task, fitted.weights, fitted.scale)
-        scores[task] = blend_probabilities(
-            by_source, fitted.weights, spec.multi_label, fitted.scale, available
-        ).float()
-        rows[task] = {**fitted.weights, "scale": fitted.scale}
-    return dataclasses.replace(outputs, scores=scores, blend=rows)
 
 
 def _heads(model: Any) -> list[Any]:
     """Every classification head of ``model``: the fused one and any unimodal ones."""
     unimodal = getattr(model, "unimodal", None)
     return [model.head, *([] if unimodal is None else unimodal.heads.values())]
-
-
-def _join_outputs(parts: Sequence[EvalOutputs]) -> EvalOutputs:
-    """Concatenate per-batch outputs; the loss is the mean of the batch losses."""
-    first = parts[0]
-    return EvalOutputs(
-        {t: torch.cat([p.scores[t] for p in parts]) for t in first.scores},
-        {t: torch.cat([p.targets[t] for p in parts]) for t in first.targets},
-        {t: torch.cat([p.weights[t] for p in parts]) for t in first.weights},
-        sum(p.loss for p in parts) / len(parts),
-        [i for p in parts for i in p.ids],
-        {
-            s: {t: torch.cat([p.sources[s][t] for p in parts]) for t in by_task}
-            for s, by_task in first.sources.items()
-        },
-        first.blend,
-        {m: torch.cat([p.present[m] for p in parts]) for m in first.present},
-    )
 
 
 class Trainer:
@@ -501,8 +196,6 @@ class Trainer:
             raise ConfigError("data.train: missing; give a manifest (--train)")
         self.device = resolve_device(self.train_config.device)
         self.autocast_dtype = resolve_precision(self.train_config.precision, self.device)
-        from fusionkit.data.sources import check_manifest
-
         for manifest in (self.data.train, self.data.val):
             # Checked before any backbone loads: a wrong path fails at once, not minutes later.
             if manifest is not None:
@@ -514,318 +207,8 @@ class Trainer:
         self._class_weight_tensors: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------------------
-    # Setup
+    # The loop
     # ----------------------------------------------------------------------------------------
-
-    def _build_model(self) -> Any:
-        from fusionkit.models import build_model
-
-        # The same seed on every rank: replicas start identical.
-        _seed_everything(self.train_config.seed)
-        model = build_model(self.config).to(self.device)
-        if self.ctx.distributed:
-            # Per-rank streams for dropout and augmentation, so ranks do not draw alike.
-            _seed_everything(self.train_config.seed + self.ctx.rank)
-        return model
-
-    def _frozen_modalities(self, model: Any) -> list[str]:
-        encoders = {m: model.vision if m == "image" else model.text for m in model.modalities}
-        return [m for m, encoder in encoders.items() if getattr(encoder, "frozen", False)]
-
-    def _all_frozen(self, model: Any) -> bool:
-        return len(self._frozen_modalities(model)) == len(model.modalities)
-
-    def _sources(self, model: Any) -> tuple[Any, Any, Any]:
-        """Training and validation sources (``None`` without ``data.val``) and their collate."""
-        from fusionkit.data import (
-            ManifestDataset,
-            build_image_transform,
-            make_collate,
-            transform_key,
-        )
-
-        cfg = self.train_config
-        frozen = self._frozen_modalities(model)
-        if cfg.cache_features is True and not frozen:
-            raise ConfigError(
-                "train.cache_features: true needs at least one used encoder frozen (freeze: true)"
-            )
-        cached = frozen if cfg.cache_features is not False else []
-        live = [m for m in model.modalities if m not in cached]
-        image_config = image_shape = None
-        eval_transform = train_transform = None
-        if model.vision is not None:
-            image_config = image_data_config(model, self.data.image_size)
-            image_shape = tuple(image_config["input_size"])
-            eval_transform = build_image_transform(image_config, train=False)
-            augment = cfg.augment and "image" not in cached
-            train_transform = build_image_transform(image_config, train=augment)
-            if "image" in cached and cfg.augment:
-                _LOG.info("image features cached: training images are not augmented")
-        tasks = model.tasks
-        read = {"on_error": self.data.on_error, "modalities": model.modalities}
-        train_set = ManifestDataset(self.data.train, tasks, train_transform, **read)
-        splits = {"train": train_set}
-        if self.data.val is not None:
-            splits["val"] = ManifestDataset(self.data.val, tasks, eval_transform, **read)
-        else:
-            _LOG.info("no validation set: no epoch is validated and last/ holds the final weights")
-        for name, dataset in splits.items():
-            if len(dataset) == 0:
-                raise DataError(f"data.{name}: {dataset.path} has no usable sample")
-        val_set = splits.get("val")
-        self._train_set = train_set
-        if not cached:
-            return train_set, val_set, make_collate(tasks, image_shape)
-        if live:
-            _LOG.info("feature cache: %s cached, %s encoded live", ", ".join(cached),
-                      ", ".join(live))
-        self.cache_stats = CacheStats()
-        key = transform_key(image_config, train=False) if "image" in cached else "text-only"
-        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-        dtype = getattr(torch, cfg.cache_dtype)
-        # Local rank 0 encodes and stores; the node's other ranks then load the stored file.
-        with local_main_first(self.ctx):
-            features = [
-                encode_dataset(
-                    model,
-                    dataset,
-                    cache_dir,
-                    key,
-                    batch_size=self.data.eval_batch_size,
-                    image_shape=image_shape,
-                    device=self.device,
-                    dtype=dtype,
-                    stats=self.cache_stats,
-                    modalities=cached,
-                )
-                for dataset in splits.values()
-            ]
-        return features[0], features[1] if val_set is not None else None, FeatureCollator(
-            tasks, live, image_shape
-        )
-
-    def _class_weights(self, model: Any) -> None:
-        if self.train_config.class_weight != "balanced":
-            return
-        for task, spec in model.tasks.items():
-            counts = torch.zeros(spec.num_classes, dtype=torch.float64)
-            labelled = 0
-            for record in self._train_set.records:
-                target = record.targets.get(task)
-                if target is None:
-                    continue
-                labelled += 1
-                for index in target if isinstance(target, list) else [target]:
-                    counts[index] += 1
-            if spec.multi_label:
-                weight = (labelled - counts) / counts.clamp(min=1)
-            else:
-                weight = labelled / (spec.num_classes * counts.clamp(min=1))
-            weight = weight.float().to(self.device)
-            for head in _heads(model):
-                head.set_class_weight(task, weight)
-            self._class_weight_tensors[task] = weight
-
-    def _optimizer(self, model: Any) -> torch.optim.Optimizer:
-        cfg = self.train_config
-        groups: dict[tuple[bool, bool], list[torch.nn.Parameter]] = {}
-        for name, parameter in model.named_parameters():
-            if not parameter.requires_grad:
-                continue
-            backbone = name.startswith(("vision.", "text."))
-            # Biases and norm scales are not decayed (the usual transformer recipe).
-            decay = parameter.ndim >= 2
-            groups.setdefault((backbone, decay), []).append(parameter)
-        param_groups = [
-            {
-                "params": params,
-                "lr": cfg.lr_backbone if backbone else cfg.lr,
-                "weight_decay": cfg.weight_decay if decay else 0.0,
-            }
-            for (backbone, decay), params in sorted(groups.items())
-        ]
-        return torch.optim.AdamW(param_groups, lr=cfg.lr)
-
-    def _training_module(self, model: Any, source: Any, collate: Any) -> nn.Module:
-        """The (DDP-wrapped) training forward; parameters that never get a gradient frozen."""
-        module = _TrainingForward(model, self.device, self.train_config)
-        if not self.ctx.distributed:
-            return module
-        size = min(len(source), max(2, math.ceil(self.data.batch_size / self.ctx.world_size)))
-        probe = collate([source[i] for i in range(size)])
-
-        def probe_loss() -> torch.Tensor:
-            with _autocast(self.device, self.autocast_dtype):
-                return model.loss(forward_batch(model, probe, self.device), probe.targets)
-
-        unused = unused_parameters(model, probe_loss, self.ctx)
-        if unused:
-            # They would stall DDP's gradient buckets; AdamW skips them anyway (no gradient).
-            named = dict(model.named_parameters())
-            for name in unused:
-                named[name].requires_grad_(False)
-            shown = ", ".join(unused[:4]) + (", ..." if len(unused) > 4 else "")
-            _LOG.info("%d parameter(s) get no gradient; not synchronised: %s", len(unused), shown)
-        return wrap_ddp(module, self.ctx)
-
-    # ----------------------------------------------------------------------------------------
-    # Training
-    # ----------------------------------------------------------------------------------------
-
-    def _batches(self, source: Any, collate: Any, epoch: int, start_batch: int) -> Iterator[Any]:
-        """This rank's share of each global batch of ``epoch``, from ``start_batch`` on."""
-        seed = self.train_config.seed * 1_000_003 + epoch
-        generator = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(source), generator=generator).tolist()
-        size = self.data.batch_size
-        batches = [order[i : i + size] for i in range(start_batch * size, len(order), size)]
-        shards = [shard(indices, self.ctx) for indices in batches]
-        # A rank left without samples (a last batch smaller than the world) still has to join
-        # the gradient all-reduce: it runs one sample whose labels are masked out.
-        placeholders = [not indices for indices in shards]
-        shards = [mine or indices[:1] for mine, indices in zip(shards, batches, strict=True)]
-        loader = DataLoader(
-            source,
-            batch_sampler=shards,
-            collate_fn=collate,
-            num_workers=self.data.num_workers,
-            worker_init_fn=_seed_worker,
-            # Passing a generator keeps the loader from drawing its worker seed from the
-            # global RNG, which dropout uses.
-            generator=generator,
-            pin_memory=self.device.type == "cuda",
-        )
-        for batch, placeholder in zip(loader, placeholders, strict=True):
-            if placeholder:
-                batch.targets = mask_targets(batch.targets)
-            yield batch
-
-    def _loss(self, output: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """The loss to backpropagate and the global batch's loss (detached)."""
-        if not self.ctx.distributed:
-            loss = self.model.loss(output, targets)
-            return loss, loss.detach()
-        losses, totals = [], []
-        for head, logits, kept, weight in self.model.loss_terms(output, targets):
-            loss, total = sharded_loss(head, logits, kept, self.ctx, self._class_weight_tensors)
-            losses.append(weight * loss)
-            totals.append(weight * total)
-        return torch.stack(losses).sum(), torch.stack(totals).sum()
-
-    def _save_last(
-        self,
-        model: Any,
-        state: dict[str, Any],
-        optimizer: Any,
-        scheduler: Any,
-        scaler: torch.amp.GradScaler,
-    ) -> None:
-        # Every rank's RNG state is kept, so each rank resumes its own dropout stream.
-        rng_ranks = all_gather_objects(self.ctx, _rng_state())
-        if not self.ctx.is_main:
-            return
-        tensor_state: dict[str, Any] = {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rng_ranks[0],
-        }
-        if self.ctx.distributed:
-            tensor_state["rng_ranks"] = rng_ranks
-        if scaler.is_enabled():
-            tensor_state["scaler"] = scaler.state_dict()
-        save_checkpoint(
-            self.output_dir / "last",
-            model,
-            include_frozen=not self._all_frozen(model),
-            state=state,
-            tensor_state=tensor_state,
-        )
-
-    def _restore_rng(self, tensors: Mapping[str, Any]) -> None:
-        ranks = tensors.get("rng_ranks")
-        if not self.ctx.distributed:
-            _set_rng_state(tensors["rng"])
-        elif ranks is not None and len(ranks) == self.ctx.world_size:
-            _set_rng_state(ranks[self.ctx.rank])
-        else:
-            saved = len(ranks) if ranks is not None else 1
-            _LOG.warning(
-                "resuming %d process(es) from a %d-process checkpoint: dropout and "
-                "augmentation streams restart from the seed",
-                self.ctx.world_size,
-                saved,
-            )
-            _seed_everything(self.train_config.seed + self.ctx.rank)
-
-    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
-        if self.ctx.is_main:
-            text = "".join(json.dumps(record) + "\n" for record in history)
-            atomic_write_text(self.output_dir / METRICS_FILE, text)
-
-    def _validate(self, model: Any, source: Any, collate: Any) -> dict[str, Any]:
-        """Metrics over the whole validation set (see :meth:`_val_outputs`).
-
-        A model with unimodal heads first gets its blend fit on these outputs; the metrics
-        are then those of the blended model, computed from the heads' outputs as the model's
-        own blend computes them.
-        """
-        outputs = self._val_outputs(model, source, collate)
-        blend = getattr(model, "blend", None)
-        if blend is not None:
-            outputs = _fit_blend(model, blend, outputs)
-        return compute_report(outputs, model.tasks, model.modalities)
-
-    def _val_outputs(self, model: Any, source: Any, collate: Any) -> EvalOutputs:
-        """Outputs over the whole validation set; ranks split its batches and gather them."""
-        size = self.data.eval_batch_size
-        batches = [list(range(i, min(i + size, len(source)))) for i in range(0, len(source), size)]
-        mine = list(range(self.ctx.rank, len(batches), self.ctx.world_size))
-        loader = DataLoader(
-            source,
-            batch_sampler=[batches[i] for i in mine],
-            collate_fn=collate,
-            num_workers=self.data.num_workers,
-        )
-        amp = self.autocast_dtype == torch.bfloat16
-        parts = [
-            (index, collect_outputs(model, [batch], self.device, amp=amp))
-            for index, batch in zip(mine, loader, strict=True)
-        ]
-        gathered = sorted(
-            (part for rank_parts in all_gather_objects(self.ctx, parts) for part in rank_parts),
-            key=lambda part: part[0],
-        )
-        return _join_outputs([outputs for _, outputs in gathered])
-
-    def _finish_best(self, model: Any, source: Any, collate: Any) -> dict[str, Any]:
-        """Reload ``best/`` (with the blend fit at its epoch) and write its validation report.
-
-        Returns:
-            The validation report of ``best/``, with each head's accuracy.
-        """
-        load_model_weights(model, self.output_dir / "best")
-        outputs = self._val_outputs(model, source, collate)
-        report = compute_report(outputs, model.tasks, model.modalities)
-        if self.ctx.is_main:
-            write_json(self.output_dir / VAL_REPORT_FILE, report)
-        for warning in report["warnings"]:
-            _LOG.warning("%s", warning)
-        return report
-
-    def _check_replicas(self, model: Any) -> None:
-        """Compare every rank's parameters; rank 0 writes their digests to ``replicas.json``."""
-        digests = all_gather_objects(self.ctx, parameters_digest(model))
-        if self.ctx.is_main:
-            write_json(
-                self.output_dir / REPLICAS_FILE,
-                {"world_size": self.ctx.world_size, "parameters_sha256": digests},
-            )
-        if len(set(digests)) > 1:
-            raise TrainingError(
-                f"the {self.ctx.world_size} processes ended with different weights; see "
-                f"{self.output_dir / REPLICAS_FILE}"
-            )
 
     def fit(self) -> TrainResult:
         """Train for ``train.epochs`` epochs (from the last checkpoint with ``resume``).
@@ -853,38 +236,161 @@ class Trainer:
             shutdown(self.ctx)
 
     def _fit(self) -> TrainResult:
+        run = self._setup()
+        for epoch in range(run.state["epoch"], self.train_config.epochs):
+            if run.state["stopped_early"]:
+                break
+            self._train_epoch(run, epoch)
+            self._end_epoch(run, epoch)
+        self._write_metrics(run.state["history"])
+        best_score = float("-inf")
+        if run.sources.val is not None and run.state["best_epoch"]:
+            self.val_report = self._finish_best(run)
+            best_score = self.val_report["mean"]["accuracy"] or 0.0
+        if self.ctx.distributed:
+            check_replicas(run.model, self.ctx, self.output_dir / REPLICAS_FILE)
+        return TrainResult(
+            self.output_dir, run.state["history"], best_score, run.sources.cache_stats
+        )
+
+    def _train_epoch(self, run: _Run, epoch: int) -> None:
+        """The optimizer steps of one epoch (from ``state["batch_in_epoch"]`` on a resume)."""
         from tqdm.auto import tqdm
 
+        cfg, state, model = self.train_config, run.state, run.model
+        model.train()
+        start_batch = state["batch_in_epoch"]
+        started = time.perf_counter()
+        bar = tqdm(
+            total=run.steps_per_epoch,
+            initial=start_batch,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            disable=not (self.progress and self.ctx.is_main),
+            leave=False,
+        )
+        batches = epoch_batches(
+            run.sources.train,
+            run.sources.collate,
+            self.ctx,
+            seed=self.train_config.seed * 1_000_003 + epoch,
+            batch_size=self.data.batch_size,
+            start_batch=start_batch,
+            num_workers=self.data.num_workers,
+            pin_memory=self.device.type == "cuda",
+        )
+        for batch_index, batch in enumerate(batches, start=start_batch):
+            loss = self._step(run, batch, epoch, batch_index)
+            state["step"] += 1
+            state["epoch_loss_sum"] += loss
+            state["batch_in_epoch"] = batch_index + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            mid_epoch = batch_index + 1 < run.steps_per_epoch
+            if cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0 and mid_epoch:
+                state["epoch_seconds"] += time.perf_counter() - started
+                started = time.perf_counter()
+                self._save_last(run)
+        bar.close()
+        state["epoch_seconds"] += time.perf_counter() - started
+
+    def _step(self, run: _Run, batch: Any, epoch: int, batch_index: int) -> float:
+        """One optimizer step on ``batch``; returns the global batch's loss."""
         cfg = self.train_config
-        ctx = self.ctx
+        with autocast(self.device, self.autocast_dtype):
+            output = run.step_module(batch)
+            loss, global_loss = self._loss(output, batch.targets)
+        # The global loss is the same on every rank, so all ranks stop together.
+        if not torch.isfinite(global_loss):
+            raise TrainingError(
+                f"loss is {global_loss.item()} at step {run.state['step'] + 1} (epoch "
+                f"{epoch + 1}, batch {batch_index + 1}/{run.steps_per_epoch}, first ids "
+                f"{batch.ids[:3]}); stopped, the last good checkpoint in "
+                f"{self.output_dir / LAST} is kept"
+            )
+        run.optimizer.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            run.scaler.unscale_(run.optimizer)
+            trainable = [p for p in run.model.parameters() if p.requires_grad]
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.scheduler.step()
+        return global_loss.item()
+
+    def _end_epoch(self, run: _Run, epoch: int) -> None:
+        """Validate, keep ``best/``, decide on early stopping, save ``last/`` and the metrics."""
+        cfg, state, model = self.train_config, run.state, run.model
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": state["step"],
+            "train_loss": state["epoch_loss_sum"] / run.steps_per_epoch,
+        }
+        score = None
+        if run.sources.val is not None:
+            report = validation_report(model, self._val_outputs(run), refit_blend=True)
+            score = report["mean"]["accuracy"] or 0.0
+            if cfg.best_metric == "loss":
+                log_loss = report["mean"]["log_loss"]
+                score = -log_loss if log_loss is not None else float("-inf")
+            record |= {
+                "val_loss": report["loss"],
+                "val_log_loss": report["mean"]["log_loss"],
+                "val_accuracy": {t: r["accuracy"] for t, r in report["tasks"].items()},
+                "val_mean_accuracy": report["mean"]["accuracy"] or 0.0,
+            }
+            if any("sources" in r for r in report["tasks"].values()):
+                record["val_head_accuracy"] = {t: r["sources"] for t, r in report["tasks"].items()}
+        seconds = state["epoch_seconds"]
+        record |= {"lr": run.scheduler.get_last_lr()[-1], "epoch_seconds": round(seconds, 3)}
+        _LOG.info("epoch %d: %s", epoch + 1, record)
+        state.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sum=0.0, epoch_seconds=0.0)
+        state["history"].append(record)
+        if score is not None and (state["best_score"] is None or score > state["best_score"]):
+            state["best_score"] = score
+            state["best_epoch"] = epoch + 1
+            if self.ctx.is_main:
+                save_checkpoint(
+                    self.output_dir / BEST, model, include_frozen=self._include_frozen(model)
+                )
+        patience = cfg.early_stopping
+        if score is not None and patience and epoch + 1 - state["best_epoch"] >= patience:
+            _LOG.info(
+                "early stopping after epoch %d: no better val %s since epoch %d",
+                epoch + 1, cfg.best_metric, state["best_epoch"],
+            )
+            state["stopped_early"] = True
+        self._save_last(run)
+        self._write_metrics(state["history"])
+
+    # ----------------------------------------------------------------------------------------
+    # Setup
+    # ----------------------------------------------------------------------------------------
+
+    def _setup(self) -> _Run:
+        """Build the model, sources and optimizer; restore them from ``last/`` on a resume."""
+        cfg = self.train_config
         if cfg.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
-        model = self._build_model()
-        self.model = model
-        source, val_source, collate = self._sources(model)
-        self._class_weights(model)
-        optimizer = self._optimizer(model)
-        steps_per_epoch = math.ceil(len(source) / self.data.batch_size)
-        total_steps = steps_per_epoch * cfg.epochs
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, _warmup_cosine(total_steps, cfg.warmup_ratio, cfg.min_lr_ratio)
-        )
+        model = self.model = self._build_model()
+        sources = build_sources(model, self.data, cfg, self.ctx, self.device)
+        self.cache_stats = sources.cache_stats
+        if cfg.class_weight == "balanced":
+            weights = balanced_class_weights(sources.train_set.records, model.tasks)
+            for task, weight in weights.items():
+                weight = weight.to(self.device)
+                for head in _heads(model):
+                    head.set_class_weight(task, weight)
+                self._class_weight_tensors[task] = weight
+        optimizer = build_optimizer(model, cfg)
+        steps_per_epoch = math.ceil(len(sources.train) / self.data.batch_size)
+        scheduler = build_scheduler(optimizer, steps_per_epoch * cfg.epochs, cfg)
         scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.autocast_dtype == torch.float16
         )
-        state: dict[str, Any] = {
-            "epoch": 0,
-            "batch_in_epoch": 0,
-            "step": 0,
-            "epoch_loss_sum": 0.0,
-            "epoch_seconds": 0.0,
-            "best_score": None,
-            "best_epoch": 0,
-            "stopped_early": False,
-            "history": [],
-        }
+        state = _fresh_state()
         # Every rank reads the same checkpoint (a shared folder on several nodes).
-        checkpoint = find_checkpoint(self.output_dir / "last") if self.resume else None
+        checkpoint = find_checkpoint(self.output_dir / LAST) if self.resume else None
         if checkpoint is not None:
             state, tensors = read_trainer_state(checkpoint)
             load_model_weights(model, checkpoint)
@@ -897,113 +403,137 @@ class Trainer:
                       state["step"])
         elif self.resume:
             _LOG.warning("--resume: no checkpoint in %s; starting from scratch", self.output_dir)
-        step_module = self._training_module(model, source, collate)
-        if ctx.is_main:
+        for key, value in _fresh_state().items():  # checkpoints of older versions lack some
+            state.setdefault(key, value)
+        step_module = self._training_module(model, sources.train, sources.collate)
+        if self.ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_yaml(self.output_dir / "config.yaml", self.config.to_dict())
-        trainable = [p for p in model.parameters() if p.requires_grad]
+            write_yaml(self.output_dir / CONFIG_FILE, self.config.to_dict())
+        return _Run(model, sources, step_module, optimizer, scheduler, scaler, state,
+                    steps_per_epoch)
 
-        state.setdefault("best_epoch", 0)
-        state.setdefault("stopped_early", False)
-        for epoch in range(state["epoch"], cfg.epochs):
-            if state["stopped_early"]:
-                break
-            model.train()
-            start_batch = state["batch_in_epoch"]
-            started = time.perf_counter()
-            bar = tqdm(
-                total=steps_per_epoch,
-                initial=start_batch,
-                desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                disable=not (self.progress and ctx.is_main),
-                leave=False,
+    def _build_model(self) -> Any:
+        # The same seed on every rank: replicas start identical.
+        seed_everything(self.train_config.seed)
+        model = build_model(self.config).to(self.device)
+        if self.ctx.distributed:
+            # Per-rank streams for dropout and augmentation, so ranks do not draw alike.
+            seed_everything(self.train_config.seed + self.ctx.rank)
+        return model
+
+    def _include_frozen(self, model: Any) -> bool:
+        """Checkpoints store frozen encoders unless every encoder is frozen (then the config
+        rebuilds them from their pretrained weights)."""
+        return len(model.frozen_modalities()) < len(model.modalities)
+
+    def _training_module(self, model: Any, source: Any, collate: Any) -> nn.Module:
+        """The (DDP-wrapped) training forward; parameters that never get a gradient frozen."""
+        module = TrainingForward(model, self.device, self.train_config)
+        if not self.ctx.distributed:
+            return module
+        size = min(len(source), max(2, math.ceil(self.data.batch_size / self.ctx.world_size)))
+        probe = collate([source[i] for i in range(size)])
+
+        def probe_loss() -> torch.Tensor:
+            with autocast(self.device, self.autocast_dtype):
+                return model.loss(forward_batch(model, probe, self.device), probe.targets)
+
+        unused = unused_parameters(model, probe_loss, self.ctx)
+        if unused:
+            # They would stall DDP's gradient buckets; AdamW skips them anyway (no gradient).
+            named = dict(model.named_parameters())
+            for name in unused:
+                named[name].requires_grad_(False)
+            shown = ", ".join(unused[:4]) + (", ..." if len(unused) > 4 else "")
+            _LOG.info("%d parameter(s) get no gradient; not synchronised: %s", len(unused), shown)
+        return wrap_ddp(module, self.ctx)
+
+    # ----------------------------------------------------------------------------------------
+    # Steps, checkpoints and validation
+    # ----------------------------------------------------------------------------------------
+
+    def _loss(self, output: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The loss to backpropagate and the global batch's loss (detached)."""
+        if not self.ctx.distributed:
+            loss = self.model.loss(output, targets)
+            return loss, loss.detach()
+        losses, totals = [], []
+        for head, logits, kept, weight in self.model.loss_terms(output, targets):
+            loss, total = sharded_loss(head, logits, kept, self.ctx, self._class_weight_tensors)
+            losses.append(weight * loss)
+            totals.append(weight * total)
+        return torch.stack(losses).sum(), torch.stack(totals).sum()
+
+    def _save_last(self, run: _Run) -> None:
+        model = run.model
+        # Every rank's RNG state is kept, so each rank resumes its own dropout stream.
+        rng_ranks = all_gather_objects(self.ctx, rng_state())
+        if not self.ctx.is_main:
+            return
+        tensor_state: dict[str, Any] = {
+            "optimizer": run.optimizer.state_dict(),
+            "scheduler": run.scheduler.state_dict(),
+            "rng": rng_ranks[0],
+        }
+        if self.ctx.distributed:
+            tensor_state["rng_ranks"] = rng_ranks
+        if run.scaler.is_enabled():
+            tensor_state["scaler"] = run.scaler.state_dict()
+        save_checkpoint(
+            self.output_dir / LAST,
+            model,
+            include_frozen=self._include_frozen(model),
+            state=run.state,
+            tensor_state=tensor_state,
+        )
+
+    def _restore_rng(self, tensors: Mapping[str, Any]) -> None:
+        ranks = tensors.get("rng_ranks")
+        if not self.ctx.distributed:
+            set_rng_state(tensors["rng"])
+        elif ranks is not None and len(ranks) == self.ctx.world_size:
+            set_rng_state(ranks[self.ctx.rank])
+        else:
+            saved = len(ranks) if ranks is not None else 1
+            _LOG.warning(
+                "resuming %d process(es) from a %d-process checkpoint: dropout and "
+                "augmentation streams restart from the seed",
+                self.ctx.world_size,
+                saved,
             )
-            batches = self._batches(source, collate, epoch, start_batch)
-            for batch_index, batch in enumerate(batches, start=start_batch):
-                with _autocast(self.device, self.autocast_dtype):
-                    output = step_module(batch)
-                    loss, global_loss = self._loss(output, batch.targets)
-                # The global loss is the same on every rank, so all ranks stop together.
-                if not torch.isfinite(global_loss):
-                    raise TrainingError(
-                        f"loss is {global_loss.item()} at step {state['step'] + 1} (epoch "
-                        f"{epoch + 1}, batch {batch_index + 1}/{steps_per_epoch}, first ids "
-                        f"{batch.ids[:3]}); stopped, the last good checkpoint in "
-                        f"{self.output_dir / 'last'} is kept"
-                    )
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                if cfg.grad_clip > 0:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                state["step"] += 1
-                state["epoch_loss_sum"] += global_loss.item()
-                state["batch_in_epoch"] = batch_index + 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{global_loss.item():.4f}")
-                mid_epoch = batch_index + 1 < steps_per_epoch
-                if cfg.save_every_steps and state["step"] % cfg.save_every_steps == 0 and mid_epoch:
-                    state["epoch_seconds"] += time.perf_counter() - started
-                    started = time.perf_counter()
-                    self._save_last(model, state, optimizer, scheduler, scaler)
-            bar.close()
-            seconds = state["epoch_seconds"] + time.perf_counter() - started
-            record = {
-                "epoch": epoch + 1,
-                "step": state["step"],
-                "train_loss": state["epoch_loss_sum"] / steps_per_epoch,
-            }
-            if val_source is not None:
-                report = self._validate(model, val_source, collate)
-                score = report["mean"]["accuracy"] or 0.0
-                if cfg.best_metric == "loss":
-                    log_loss = report["mean"]["log_loss"]
-                    score = -log_loss if log_loss is not None else float("-inf")
-                record |= {
-                    "val_loss": report["loss"],
-                    "val_log_loss": report["mean"]["log_loss"],
-                    "val_accuracy": {t: r["accuracy"] for t, r in report["tasks"].items()},
-                    "val_mean_accuracy": report["mean"]["accuracy"] or 0.0,
-                }
-                if any("sources" in r for r in report["tasks"].values()):
-                    record["val_head_accuracy"] = {
-                        t: r["sources"] for t, r in report["tasks"].items()
-                    }
-            record |= {"lr": scheduler.get_last_lr()[-1], "epoch_seconds": round(seconds, 3)}
-            _LOG.info("epoch %d: %s", epoch + 1, record)
-            state.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sum=0.0, epoch_seconds=0.0)
-            state["history"].append(record)
-            if val_source is not None and (
-                state["best_score"] is None or score > state["best_score"]
-            ):
-                state["best_score"] = score
-                state["best_epoch"] = epoch + 1
-                if ctx.is_main:
-                    save_checkpoint(
-                        self.output_dir / "best", model, include_frozen=not self._all_frozen(model)
-                    )
-            patience = cfg.early_stopping
-            if val_source is not None and patience and epoch + 1 - state["best_epoch"] >= patience:
-                _LOG.info(
-                    "early stopping after epoch %d: no better val %s since epoch %d",
-                    epoch + 1, cfg.best_metric, state["best_epoch"],
-                )
-                state["stopped_early"] = True
-            self._save_last(model, state, optimizer, scheduler, scaler)
-            self._write_metrics(state["history"])
-            if state["stopped_early"]:
-                break
-        self._write_metrics(state["history"])
-        best_score = float("-inf")
-        if val_source is not None and state["best_epoch"]:
-            self.val_report = self._finish_best(model, val_source, collate)
-            best_score = self.val_report["mean"]["accuracy"] or 0.0
-        if ctx.distributed:
-            self._check_replicas(model)
-        return TrainResult(self.output_dir, state["history"], best_score, self.cache_stats)
+            seed_everything(self.train_config.seed + self.ctx.rank)
+
+    def _write_metrics(self, history: list[dict[str, Any]]) -> None:
+        if self.ctx.is_main:
+            text = "".join(json.dumps(record) + "\n" for record in history)
+            atomic_write_text(self.output_dir / METRICS_FILE, text)
+
+    def _val_outputs(self, run: _Run) -> Any:
+        return gather_outputs(
+            run.model,
+            run.sources.val,
+            run.sources.collate,
+            self.ctx,
+            self.device,
+            batch_size=self.data.eval_batch_size,
+            num_workers=self.data.num_workers,
+            amp=self.autocast_dtype == torch.bfloat16,
+        )
+
+    def _finish_best(self, run: _Run) -> dict[str, Any]:
+        """Reload ``best/`` (with the blend fit at its epoch) and write its validation report.
+
+        Returns:
+            The validation report of ``best/``, with each head's accuracy.
+        """
+        load_model_weights(run.model, self.output_dir / BEST)
+        report = validation_report(run.model, self._val_outputs(run), refit_blend=False)
+        if self.ctx.is_main:
+            write_json(self.output_dir / VAL_REPORT_FILE, report)
+        for warning in report["warnings"]:
+            _LOG.warning("%s", warning)
+        return report
+
 
 
 def train(
@@ -1032,8 +562,7 @@ def train(
     Examples:
         >>> result = train("configs/quickstart.yaml", "runs/quickstart")  # doctest: +SKIP
     """
-    from fusionkit.models import ModelConfig
-
     if not isinstance(config, ModelConfig):
         config = build_run_config(config)
     return Trainer(config, output_dir, resume=resume, progress=progress).fit()
+

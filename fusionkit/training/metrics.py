@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fusionkit.tasks import MISSING_LABEL
+from fusionkit.tasks import MISSING_LABEL, MULTI_LABEL_THRESHOLD
 
 __all__ = [
     "accuracy",
@@ -32,7 +32,6 @@ __all__ = [
     "valid_rows",
 ]
 
-MULTI_LABEL_THRESHOLD = 0.5
 
 
 def valid_rows(targets: Tensor) -> Tensor:

@@ -30,8 +30,8 @@ import copy
 from collections.abc import Mapping
 from typing import Any
 
+from fusionkit.config import DEFAULT_TEXT, DEFAULT_VISION
 from fusionkit.errors import ConfigError
-from fusionkit.models.config import DEFAULT_TEXT, DEFAULT_VISION
 
 __all__ = ["DEFAULT_PRESET", "PRESETS", "apply_preset"]
 

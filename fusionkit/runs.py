@@ -1,4 +1,13 @@
-"""Training checkpoints: the model (``save_pretrained``) plus the trainer's state, swapped in whole.
+"""The run folder and checkpoint layout, in one place: what a run writes and where.
+
+A run folder holds:
+
+- ``config.yaml``: the resolved run config (`CONFIG_FILE`);
+- ``metrics.jsonl``: one JSON line per finished epoch (`METRICS_FILE`);
+- ``val_report.json``: the validation report of ``best/`` (`VAL_REPORT_FILE`);
+- ``report.json``: written by ``fusionkit evaluate`` (`report_path`);
+- ``replicas.json``: the parameter digests of every distributed rank (`REPLICAS_FILE`);
+- ``best/`` and ``last/``: checkpoint folders (`BEST`, `LAST`; `resolve_run_dir` picks one).
 
 A checkpoint folder (``best/`` or ``last/``) holds ``config.yaml`` and ``model.safetensors``
 (loadable with :meth:`~fusionkit.models.CMACLIP.from_pretrained`) and, for resuming,
@@ -39,18 +48,32 @@ from fusionkit.io import (
 )
 
 __all__ = [
+    "BEST",
+    "CONFIG_FILE",
+    "LAST",
+    "METRICS_FILE",
+    "REPLICAS_FILE",
     "STATE_FILE",
     "TENSOR_STATE_FILE",
+    "VAL_REPORT_FILE",
     "find_checkpoint",
     "load_model_weights",
     "read_trainer_state",
+    "report_path",
+    "resolve_run_dir",
     "save_checkpoint",
 ]
 
+BEST, LAST = "best", "last"
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+REPLICAS_FILE = "replicas.json"
+VAL_REPORT_FILE = "val_report.json"
+REPORT_FILE = "report.json"
 STATE_FILE = "trainer_state.json"
 TENSOR_STATE_FILE = "trainer_state.pt"
 _WEIGHTS_FILE = "model.safetensors"
-_MODEL_FILES = (_WEIGHTS_FILE, "config.yaml")
+_MODEL_FILES = (_WEIGHTS_FILE, CONFIG_FILE)
 
 
 def save_checkpoint(
@@ -189,3 +212,46 @@ def load_model_weights(model: nn.Module, directory: str | os.PathLike[str]) -> N
     if bad:
         raise CheckpointError(f"{directory}: weights do not fit the model: {bad[:5]}")
     model.load_state_dict(state, strict=False)
+
+
+def resolve_run_dir(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint folder from a checkpoint or run folder.
+
+    A run folder gives its ``best/``, or its ``last/`` when it has no ``best/`` (a run trained
+    without a validation set).
+
+    Args:
+        path: ``run/best``, ``run/last`` or ``run``.
+
+    Returns:
+        The folder holding ``config.yaml`` and ``model.safetensors``.
+
+    Examples:
+        >>> resolve_run_dir("runs/quickstart")  # doctest: +SKIP
+        PosixPath('runs/quickstart/best')
+    """
+    folder = Path(path)
+    if (folder / _WEIGHTS_FILE).is_file():
+        return folder
+    for name in (BEST, LAST):
+        if (folder / name).is_dir():
+            return folder / name
+    return folder
+
+
+def report_path(checkpoint: str | os.PathLike[str]) -> Path:
+    """Where ``fusionkit evaluate`` writes the report of a checkpoint: its run's ``report.json``.
+
+    Args:
+        checkpoint: A checkpoint folder (``run/best``, ``run/last``) or any other folder.
+
+    Returns:
+        ``run/report.json`` for ``run/best`` or ``run/last``, else ``checkpoint/report.json``.
+
+    Examples:
+        >>> report_path("runs/q/best").as_posix()
+        'runs/q/report.json'
+    """
+    folder = Path(checkpoint)
+    run = folder.parent if folder.name in (BEST, LAST) else folder
+    return run / REPORT_FILE

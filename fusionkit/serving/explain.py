@@ -27,7 +27,10 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from fusionkit.config import DataConfig, parse_section
+from fusionkit.data import image_data_config
 from fusionkit.errors import ConfigError, DataError, MissingDependencyError
+from fusionkit.serving.predictor import Predictor
 
 __all__ = ["Explanation", "attention_map", "explain", "feature_grid"]
 
@@ -174,11 +177,8 @@ def _load_image(image: str | os.PathLike[str] | Image.Image, transform: Any) -> 
 
 def _data_config(model: Any) -> dict[str, Any]:
     """The checkpoint's evaluation preprocessing (the one its predictor uses)."""
-    from fusionkit.training import DataConfig, parse_section
-    from fusionkit.training.loop import image_data_config
-
     data = parse_section(DataConfig, model.config.sections.get("data"), "data")
-    return image_data_config(model, data.image_size)
+    return image_data_config(model.vision.data_config, data.image_size)
 
 
 def _display_image(pixels: Tensor, data_config: dict[str, Any]) -> np.ndarray:
@@ -247,7 +247,7 @@ def explain(
 
     Args:
         checkpoint: A run folder (its ``best/``), a checkpoint folder, or a loaded
-            :class:`~fusionkit.training.Predictor` (to explain many samples, loading once).
+            :class:`~fusionkit.serving.Predictor` (to explain many samples, loading once).
         image: The image (path or PIL image).
         text: The text.
         out: PNG to write (input and overlay side by side, predictions and modality weights
@@ -272,8 +272,6 @@ def explain(
         ... # doctest: +SKIP
         'grinning'
     """
-    from fusionkit.training import Predictor
-
     if not isinstance(text, str) or not text.strip():
         raise DataError("explain needs a non-empty text")
     predictor = (

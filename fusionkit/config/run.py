@@ -31,8 +31,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from fusionkit.config.model import matches_type
 from fusionkit.errors import ConfigError
-from fusionkit.models.config import matches_type
 
 __all__ = ["DataConfig", "TrainConfig", "parse_section"]
 

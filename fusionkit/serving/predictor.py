@@ -19,10 +19,14 @@ from typing import Any
 import torch
 from PIL import Image
 
-from fusionkit.data import open_image
+from fusionkit.config import DataConfig, parse_section
+from fusionkit.data import build_image_transform, image_data_config, open_image
+from fusionkit.device import resolve_device
 from fusionkit.errors import DataError
 from fusionkit.io import atomic_write
-from fusionkit.training.metrics import MULTI_LABEL_THRESHOLD
+from fusionkit.models import CMACLIP
+from fusionkit.runs import resolve_run_dir
+from fusionkit.tasks import MULTI_LABEL_THRESHOLD
 
 __all__ = ["Predictor"]
 
@@ -74,17 +78,13 @@ class Predictor:
         Examples:
             >>> predictor = Predictor.from_pretrained("runs/quickstart/best")  # doctest: +SKIP
         """
-        from fusionkit.data import build_image_transform
-        from fusionkit.models import CMACLIP
-        from fusionkit.training.config import DataConfig, parse_section
-        from fusionkit.training.loop import image_data_config, resolve_device, resolve_run_dir
-
         dev = resolve_device(device)
         model = CMACLIP.from_pretrained(resolve_run_dir(directory), map_location=dev)
         transform = None
         if model.vision is not None:
             data = parse_section(DataConfig, model.config.sections.get("data"), "data")
-            transform = build_image_transform(image_data_config(model, data.image_size))
+            config = image_data_config(model.vision.data_config, data.image_size)
+            transform = build_image_transform(config)
         return cls(model, transform, dev, batch_size)
 
     def _image(self, image: Image.Image | str | os.PathLike[str] | None) -> torch.Tensor | None:

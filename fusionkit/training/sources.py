@@ -1,0 +1,234 @@
+"""What a training reads: the manifests as data sets, or their features from the cache."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from fusionkit.config import DataConfig, TrainConfig
+from fusionkit.data import (
+    ManifestDataset,
+    build_image_transform,
+    image_data_config,
+    make_collate,
+    transform_key,
+)
+from fusionkit.errors import ConfigError, DataError
+from fusionkit.tasks import TaskSpec
+from fusionkit.training.cache import (
+    CacheStats,
+    FeatureCollator,
+    default_cache_dir,
+    encode_dataset,
+)
+from fusionkit.training.distributed import DistContext, local_main_first, mask_targets, shard
+from fusionkit.training.state import seed_worker
+
+__all__ = ["Sources", "balanced_class_weights", "build_sources", "epoch_batches"]
+
+_LOG = logging.getLogger("fusionkit.training")
+
+
+@dataclass
+class Sources:
+    """The training and validation sources of a run and how to batch them.
+
+    Attributes:
+        train: Indexable training samples (a data set, or its cached features).
+        val: The same for validation; ``None`` without ``data.val``.
+        collate: Turns a list of samples into a batch.
+        train_set: The training manifest as read (its records give the class counts).
+        cache_stats: Feature cache counters; ``None`` when nothing is cached.
+    """
+
+    train: Any
+    val: Any
+    collate: Callable[[list[Any]], Any]
+    train_set: ManifestDataset
+    cache_stats: CacheStats | None = None
+
+
+def build_sources(
+    model: Any,
+    data: DataConfig,
+    cfg: TrainConfig,
+    ctx: DistContext,
+    device: torch.device,
+) -> Sources:
+    """Read the manifests of ``data`` for ``model``; frozen encoders' features come cached.
+
+    With ``train.cache_features`` ``auto`` (or true) every frozen modality is encoded once
+    into the feature cache (local rank 0 encodes, the node's other ranks load) and the
+    trainable ones are encoded live at each step.
+
+    Args:
+        model: The model being trained.
+        data: The ``data`` section.
+        cfg: The ``train`` section.
+        ctx: The distributed context.
+        device: Where the cache is encoded.
+
+    Returns:
+        The `Sources`.
+
+    Raises:
+        ConfigError: ``cache_features: true`` with no frozen encoder.
+        DataError: A manifest has no usable sample.
+    """
+    frozen = model.frozen_modalities()
+    if cfg.cache_features is True and not frozen:
+        raise ConfigError(
+            "train.cache_features: true needs at least one used encoder frozen (freeze: true)"
+        )
+    cached = frozen if cfg.cache_features is not False else []
+    live = [m for m in model.modalities if m not in cached]
+    image_config = image_shape = None
+    eval_transform = train_transform = None
+    if model.vision is not None:
+        image_config = image_data_config(model.vision.data_config, data.image_size)
+        image_shape = tuple(image_config["input_size"])
+        eval_transform = build_image_transform(image_config, train=False)
+        augment = cfg.augment and "image" not in cached
+        train_transform = build_image_transform(image_config, train=augment)
+        if "image" in cached and cfg.augment:
+            _LOG.info("image features cached: training images are not augmented")
+    tasks = model.tasks
+    read = {"on_error": data.on_error, "modalities": model.modalities}
+    train_set = ManifestDataset(data.train, tasks, train_transform, **read)
+    splits = {"train": train_set}
+    if data.val is not None:
+        splits["val"] = ManifestDataset(data.val, tasks, eval_transform, **read)
+    else:
+        _LOG.info("no validation set: no epoch is validated and last/ holds the final weights")
+    for name, dataset in splits.items():
+        if len(dataset) == 0:
+            raise DataError(f"data.{name}: {dataset.path} has no usable sample")
+    val_set = splits.get("val")
+    if not cached:
+        return Sources(train_set, val_set, make_collate(tasks, image_shape), train_set)
+    if live:
+        _LOG.info("feature cache: %s cached, %s encoded live", ", ".join(cached),
+                  ", ".join(live))
+    stats = CacheStats()
+    key = transform_key(image_config, train=False) if "image" in cached else "text-only"
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    dtype = getattr(torch, cfg.cache_dtype)
+    # Local rank 0 encodes and stores; the node's other ranks then load the stored file.
+    with local_main_first(ctx):
+        features = [
+            encode_dataset(
+                model,
+                dataset,
+                cache_dir,
+                key,
+                batch_size=data.eval_batch_size,
+                image_shape=image_shape,
+                device=device,
+                dtype=dtype,
+                stats=stats,
+                modalities=cached,
+            )
+            for dataset in splits.values()
+        ]
+    val = features[1] if val_set is not None else None
+    collate = FeatureCollator(tasks, live, image_shape)
+    return Sources(features[0], val, collate, train_set, stats)
+
+
+def balanced_class_weights(
+    records: Any, tasks: dict[str, TaskSpec]
+) -> dict[str, torch.Tensor]:
+    """Per-task class weights inversely proportional to the class counts of ``records``.
+
+    Single-label: ``labelled / (classes · count)`` (scikit-learn's "balanced"); multi-label:
+    the positive weight ``negatives / positives`` of each class.
+
+    Args:
+        records: Manifest records (``.targets``: task → class index, or a list of indices).
+        tasks: The tasks.
+
+    Returns:
+        Task → float weights ``(classes,)``.
+
+    Examples:
+        >>> balanced_class_weights(dataset.records, model.tasks)["color"]  # doctest: +SKIP
+        tensor([0.8333, 1.2500])
+    """
+    weights = {}
+    for task, spec in tasks.items():
+        counts = torch.zeros(spec.num_classes, dtype=torch.float64)
+        labelled = 0
+        for record in records:
+            target = record.targets.get(task)
+            if target is None:
+                continue
+            labelled += 1
+            for index in target if isinstance(target, list) else [target]:
+                counts[index] += 1
+        if spec.multi_label:
+            weight = (labelled - counts) / counts.clamp(min=1)
+        else:
+            weight = labelled / (spec.num_classes * counts.clamp(min=1))
+        weights[task] = weight.float()
+    return weights
+
+
+def epoch_batches(
+    source: Any,
+    collate: Callable[[list[Any]], Any],
+    ctx: DistContext,
+    *,
+    seed: int,
+    batch_size: int,
+    start_batch: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+) -> Iterator[Any]:
+    """This rank's share of each global batch of one epoch, from ``start_batch`` on.
+
+    The epoch's order is a permutation drawn from a generator seeded with ``seed``, so a
+    resumed run replays exactly the batches an uninterrupted one would; every rank draws the
+    same permutation and takes its shard of each global batch.
+
+    Args:
+        source: Indexable samples.
+        collate: Turns a list of samples into a batch.
+        ctx: The distributed context.
+        seed: The epoch's seed.
+        batch_size: The global batch size.
+        start_batch: The first batch to yield (a resume mid-epoch).
+        num_workers: DataLoader workers.
+        pin_memory: Pin batches (for CUDA).
+
+    Yields:
+        Batches; a rank left without samples in the last batch gets one sample with its
+        labels masked out, so that it still joins the gradient all-reduce.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(source), generator=generator).tolist()
+    batches = [order[i : i + batch_size] for i in range(start_batch * batch_size, len(order),
+                                                         batch_size)]
+    shards = [shard(indices, ctx) for indices in batches]
+    placeholders = [not indices for indices in shards]
+    shards = [mine or indices[:1] for mine, indices in zip(shards, batches, strict=True)]
+    loader = DataLoader(
+        source,
+        batch_sampler=shards,
+        collate_fn=collate,
+        num_workers=num_workers,
+        worker_init_fn=seed_worker,
+        # Passing a generator keeps the loader from drawing its worker seed from the global
+        # RNG, which dropout uses.
+        generator=generator,
+        pin_memory=pin_memory,
+    )
+    for batch, placeholder in zip(loader, placeholders, strict=True):
+        if placeholder:
+            batch.targets = mask_targets(batch.targets)
+        yield batch
