@@ -15,7 +15,7 @@ sequence_concat (McNemar's exact test over the same test emoji and seeds). Write
 ``runs/emoji/results.json`` (the robustness benchmark and ``fusionkit explain`` reuse the
 seed-0 runs).
 
-Run from the repository root: ``python benchmarks/accuracy_emoji.py``. On 2 shared CPU cores,
+Run from the repository root: ``python -m experiments.accuracy_emoji``. On 2 shared CPU cores,
 encoding a variant's images once takes a few minutes; each model then trains in a few minutes.
 ``--models cma_clip concat``, ``--variants flag`` or ``--seeds 0 1 2`` run a subset (a run
 whose report exists is reused, so an interrupted benchmark continues where it stopped);
@@ -386,7 +386,7 @@ def write_report(
         "`sequence_concat` keeps the sequence-wise attention and replaces the modality-wise "
         "attention by concatenation; `no_modality_attention` by a fixed equal-weight mean.",
         "",
-        f"Command: `python benchmarks/accuracy_emoji.py` on {platform.machine()} CPU "
+        f"Command: `python -m experiments.accuracy_emoji` on {platform.machine()} CPU "
         f"({os.cpu_count()} cores).",
         "",
     ]

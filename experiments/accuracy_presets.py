@@ -13,7 +13,7 @@ model is compared sample by sample with the best of the three (McNemar's exact t
 
 Run from the repository root::
 
-    python -m benchmarks.accuracy_presets --datasets emoji icons synthetic --presets fast medium
+    python -m experiments.accuracy_presets --datasets emoji icons synthetic --presets fast medium
 
 A run whose ``test_report.json`` exists is reused, so an interrupted sweep continues where it
 stopped; ``--report-only`` rewrites the page from the finished runs.
@@ -211,7 +211,7 @@ def _correct_flags(dataset: str, run: Path, tasks: list[str]) -> dict[str, dict[
 
 def evaluate_cell(dataset: str, preset: str, seeds: list[int]) -> dict[str, Any]:
     """Train (or reuse) every model of one data set and preset; summarise over seeds."""
-    from benchmarks.accuracy_emoji import sign_test
+    from experiments.accuracy_emoji import sign_test
 
     per_model: dict[str, list[dict[str, Any]]] = {m: [] for m in (*MODELS, "late_fusion")}
     wins = losses = 0
@@ -277,7 +277,7 @@ def write_report(results: dict[str, dict[str, Any]]) -> None:
         "and seeds, the zero-config model right where the best baseline of that seed is wrong "
         "(won) and the reverse (lost); p is McNemar's exact two-sided test.",
         "",
-        "Command: `python -m benchmarks.accuracy_presets`.",
+        "Command: `python -m experiments.accuracy_presets`.",
         "",
     ]
     for dataset, by_preset in results.items():

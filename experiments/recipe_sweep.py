@@ -9,7 +9,7 @@ head's and each modality head's accuracy on test. Writes ``docs/results/recipe.m
 
 Run from the repository root::
 
-    python -m benchmarks.recipe_sweep --datasets emoji synthetic icons --seeds 0
+    python -m experiments.recipe_sweep --datasets emoji synthetic icons --seeds 0
 
 A run whose ``test_report.json`` exists is reused.
 """
@@ -27,7 +27,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-from benchmarks.accuracy_presets import DATASETS, manifests
+from experiments.accuracy_presets import DATASETS, manifests
 
 ROOT = Path("runs/recipe")
 OUT = Path("docs/results/recipe.md")
@@ -50,7 +50,7 @@ CANDIDATES: dict[str, tuple[str | None, dict[str, Any]]] = {
         "fast", {"train": {**BY_LOSS, "modality_dropout": 0.3}}),
     "fast by log-loss, dropout 0.3": ("fast", {
         "head": {"dropout": 0.3},
-        "fusion": {"sequence": {"name": "transformer", "dim": 256, "dropout": 0.3}},
+        "fusion": {"dim": 256, "sequence": {"name": "transformer", "dropout": 0.3}},
         "train": BY_LOSS,
     }),
     "fast, no unimodal heads": ("fast", {"unimodal_heads": None}),
@@ -115,7 +115,7 @@ def write_report(results: dict[str, dict[str, list[dict[str, Any]]]]) -> None:
         "ran up to three such jobs at once, so it varies by 2-3x with the load and does not "
         "compare rows; the first run of a data set also encodes the frozen features once.",
         "",
-        "Command: `python -m benchmarks.recipe_sweep`.",
+        "Command: `python -m experiments.recipe_sweep`.",
         "",
     ]
     for dataset, by_name in results.items():

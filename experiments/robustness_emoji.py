@@ -5,7 +5,7 @@ corrupted in one modality:
 
 - ``cma_clip``, ``concat`` (the concat fusion baseline: pooled features, no attention) and
   ``sequence_concat`` (CMA-CLIP with concatenation in place of the modality-wise attention):
-  the seed-0 models of ``benchmarks/accuracy_emoji.py`` (texts with the ``flag:`` prefix),
+  the seed-0 models of ``experiments/accuracy_emoji.py`` (texts with the ``flag:`` prefix),
   trained on clean data;
 - ``cma_clip+swap``, ``concat+swap`` and ``sequence_concat+swap``: the same configs fit here
   (on train + val, final weights evaluated, as in the accuracy benchmark) with
@@ -26,8 +26,8 @@ corrupted and on the clean samples of each corrupted test set (does the weight r
 sample?). Writes
 ``docs/results/robustness_emoji.md`` and ``docs/results/robustness_emoji.png``.
 
-Run from the repository root after ``benchmarks/accuracy_emoji.py``:
-``python benchmarks/robustness_emoji.py`` (about 30 minutes on 2 CPU cores: three trainings,
+Run from the repository root after ``experiments/accuracy_emoji.py``:
+``python -m experiments.robustness_emoji`` (about 30 minutes on 2 CPU cores: three trainings,
 48 evaluations and 12 prediction passes).
 """
 
@@ -249,7 +249,7 @@ def main() -> None:
         f"the same config trained with `train.modality_swap: {SWAP}` (that "
         "share of training samples gets another sample's text, labels kept). Group accuracy "
         "per model; weights are the mean group-task modality weights (text / image) of the "
-        "CMA-CLIP models. Command: `python benchmarks/robustness_emoji.py`.",
+        "CMA-CLIP models. Command: `python -m experiments.robustness_emoji`.",
         "",
         "| corrupted | p | " + " | ".join(MODELS) + " | cma_clip weights | "
         "cma_clip+swap weights |",

@@ -10,6 +10,9 @@ This module imports nothing of fusionkit: every layer may use it.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
+
 __all__ = [
     "BackendUnavailableError",
     "CheckpointError",
@@ -21,6 +24,7 @@ __all__ = [
     "ShapeError",
     "StorageError",
     "TrainingError",
+    "did_you_mean",
 ]
 
 
@@ -74,3 +78,42 @@ class StorageError(FusionkitError, OSError):
     def __str__(self) -> str:
         # OSError would print "[Errno 28] ..."; the message already names the cause.
         return str(self.strerror) if self.strerror else super().__str__()
+
+
+def did_you_mean(
+    word: str,
+    choices: Iterable[str],
+    *,
+    limit: int = 1,
+    cutoff: float = 0.6,
+    list_choices: bool = True,
+    what: str = "accepted",
+) -> str:
+    """The hint of every "unknown name" error: the closest choices, then (optionally) all.
+
+    Args:
+        word: The unknown name.
+        choices: The accepted names.
+        limit: How many close matches to suggest at most.
+        cutoff: Similarity (0-1) a choice needs to be suggested.
+        list_choices: Also list every choice (leave out for long lists).
+        what: The word before the list, e.g. ``"registered"``.
+
+    Returns:
+        E.g. ``"did you mean 'epochs'? accepted: epochs, lr"``; empty when nothing is close
+        and ``list_choices`` is false.
+
+    Examples:
+        >>> did_you_mean("epoch", ["epochs", "lr"])
+        "did you mean 'epochs'? accepted: epochs, lr"
+        >>> did_you_mean("trans", ["transformer", "co_attention"], list_choices=False)
+        "did you mean 'transformer'?"
+    """
+    choices = [str(c) for c in choices]
+    close = difflib.get_close_matches(str(word), choices, n=limit, cutoff=cutoff)
+    parts = []
+    if close:
+        parts.append(f"did you mean {', '.join(repr(c) for c in close)}?")
+    if list_choices:
+        parts.append(f"{what}: {', '.join(choices) or 'none'}")
+    return " ".join(parts)

@@ -31,7 +31,6 @@ Examples:
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
 import re
 import threading
@@ -42,7 +41,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, TypeVar, overload
 
-from fusionkit.errors import RegistryError
+from fusionkit.errors import RegistryError, did_you_mean
 
 __all__ = [
     "KINDS",
@@ -95,16 +94,10 @@ def _snake_case(name: str) -> str:
     return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
 
 
-def _suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
-    if close:
-        return f"did you mean {', '.join(repr(c) for c in close)}?"
-    return f"registered: {', '.join(repr(c) for c in choices) or 'none'}"
-
-
 def _check_kind(kind: str) -> None:
     if kind not in _entries:
-        raise RegistryError(f"unknown component kind {kind!r}; {_suggest(kind, list(KINDS))}")
+        hint = did_you_mean(kind, KINDS, limit=3, cutoff=0.5, what="kinds")
+        raise RegistryError(f"unknown component kind {kind!r}; {hint}")
 
 
 @overload
@@ -225,7 +218,8 @@ def get(kind: str, name: str) -> Registration:
         return _entries[kind][name]
     except KeyError:
         names = sorted(_entries[kind])
-        raise RegistryError(f"unknown {kind} {name!r}; {_suggest(name, names)}") from None
+        hint = did_you_mean(name, names, limit=3, cutoff=0.5, what="registered")
+        raise RegistryError(f"unknown {kind} {name!r}; {hint}") from None
 
 
 def create(kind: str, name: str, **kwargs: Any) -> Any:

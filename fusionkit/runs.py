@@ -61,6 +61,7 @@ __all__ = [
     "read_trainer_state",
     "report_path",
     "resolve_run_dir",
+    "run_config_path",
     "save_checkpoint",
 ]
 
@@ -237,6 +238,24 @@ def resolve_run_dir(path: str | os.PathLike[str]) -> Path:
         if (folder / name).is_dir():
             return folder / name
     return folder
+
+
+def run_config_path(checkpoint: str | os.PathLike[str]) -> Path:
+    """The run config of the run that wrote a checkpoint: its run folder's ``config.yaml``.
+
+    Args:
+        checkpoint: A checkpoint folder (``run/best``, ``run/last``) or a run folder.
+
+    Returns:
+        ``run/config.yaml`` (it may not exist: a checkpoint copied out of its run).
+
+    Examples:
+        >>> run_config_path("runs/q/best").as_posix()
+        'runs/q/config.yaml'
+    """
+    folder = Path(checkpoint)
+    run = folder.parent if folder.name in (BEST, LAST) else folder
+    return run / CONFIG_FILE
 
 
 def report_path(checkpoint: str | os.PathLike[str]) -> Path:

@@ -49,15 +49,12 @@ def test_every_python_block_is_marked():
             if match["lang"] in ("python", "py") and match["kind"] is None:
                 line = text.count("\n", 0, match.start()) + 1
                 unmarked.append(f"{page.relative_to(ROOT)}:{line}")
-    if (ROOT / "README.md") in PAGES:
-        # The README belongs to the repository front page; only docs/ must be fully marked.
-        unmarked = [u for u in unmarked if not u.startswith("README.md")]
     assert not unmarked, f"python blocks without a runnable / not-runnable marker: {unmarked}"
 
 
 def test_docs_have_runnable_snippets():
     pages = {where.split(":")[0] for where, _ in RUNNABLE}
-    assert {"docs/index.md", "docs/concepts.md", "docs/compose.md"} <= pages
+    assert {"README.md", "docs/index.md", "docs/concepts.md", "docs/compose.md"} <= pages
 
 
 @pytest.mark.parametrize(("where", "code"), RUNNABLE, ids=[w for w, _ in RUNNABLE])

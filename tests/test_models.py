@@ -43,7 +43,7 @@ def config(tiny_bert_dir, backbone="resnet18", freeze_vision=False, **overrides)
         },
         "text": {"name": "huggingface", "model_name_or_path": str(tiny_bert_dir), "max_length": 16},
         "fusion": {
-            "sequence": {"name": "transformer", "dim": 32, "layers": 1, "heads": 4},
+            "dim": 32, "sequence": {"name": "transformer", "layers": 1, "heads": 4},
             "modality": {"name": "keyless"},
         },
         "tasks": TASKS,
@@ -89,7 +89,7 @@ def test_sentence_transformers_adapter_in_model():
                 "freeze": True,
                 "max_length": 32,
             },
-            "fusion": {"sequence": {"name": "transformer", "dim": 64, "heads": 4}},
+            "fusion": {"dim": 64, "sequence": {"name": "transformer", "heads": 4}},
             "tasks": TASKS,
         }
     )
@@ -183,13 +183,13 @@ def test_corrupt_checkpoint_is_refused(tmp_path, model):
         (
             {
                 "fusion": {
-                    "sequence": {"name": "transformer", "dim": 32, "heads": 4},
+                    "dim": 32, "sequence": {"name": "transformer", "heads": 4},
                     "modality": {"name": "concat"},
                 }
             },
             "without modality-wise attention",
         ),
-        ({"fusion": {"sequence": {"name": "co_attention", "dim": 32, "heads": 4}}}, "co-attention"),
+        ({"fusion": {"dim": 32, "sequence": {"name": "co_attention", "heads": 4}}}, "co-attention"),
         ({"text": None}, "image only"),
         ({"vision": None}, "text only"),
     ],
@@ -232,7 +232,7 @@ def test_every_shipped_config_is_valid(path):
     # use, Food-101 and Fashion-Gen are the user's own download): not done here.
     raw.setdefault("tasks", {"group": {"num_classes": 9}})
     parsed = build_run_config(raw)
-    assert parsed.tasks and parsed.fusion.dim > 0
+    assert parsed.tasks and parsed.model.fusion.dim > 0
 
 
 def test_the_concat_baseline_and_sequence_concat_differ_only_as_described():
@@ -254,15 +254,15 @@ def test_the_concat_baseline_and_sequence_concat_differ_only_as_described():
     [
         ({"fusoin": {}}, "fusoin: unknown top-level key; did you mean 'fusion'"),
         (
-            {"fusion": {"sequence": {"name": "transformer", "dim": 32, "heads": 4, "layer": 2}}},
+            {"fusion": {"dim": 32, "sequence": {"name": "transformer", "heads": 4, "layer": 2}}},
             "fusion.sequence.layer: unknown option .* did you mean 'layers'",
         ),
         (
-            {"fusion": {"sequence": {"name": "transformer", "dim": 32, "heads": "four"}}},
+            {"fusion": {"dim": 32, "sequence": {"name": "transformer", "heads": "four"}}},
             "fusion.sequence.heads: expected int",
         ),
         (
-            {"fusion": {"sequence": {"name": "transfomer", "dim": 32}}},
+            {"fusion": {"dim": 32, "sequence": {"name": "transfomer"}}},
             "fusion.sequence.name: unknown sequence_fusion 'transfomer'; did you mean "
             "'transformer'",
         ),

@@ -162,12 +162,11 @@ def test_cli_data_synthetic_writes_the_catalogue(tmp_path, capsys):
 
 def test_quickstart_config_validates_with_its_source_paths(builds):
     config = build_run_config(REPO / "configs" / "quickstart.yaml")
-    data = config.sections["data"]
-    assert (data["train"], data["val"], data["test"]) == (
-        "synthetic:train", "synthetic:val", "synthetic:test"
-    )
-    for split in ("train", "val", "test"):
-        check_manifest(data[split], modalities=config.modalities, tasks=list(config.tasks))
+    data = config.data
+    splits = (data.train, data.val, data.test)
+    assert splits == ("synthetic:train", "synthetic:val", "synthetic:test")
+    for split in (data.train, data.val, data.test):
+        check_manifest(split, modalities=config.modalities, tasks=list(config.tasks))
     assert len(builds) == 1
 
 
@@ -203,7 +202,7 @@ def test_a_missing_manifest_fails_before_any_model_is_built(tmp_path, monkeypatc
         Trainer(config, tmp_path / "run", progress=False).fit()
     no_task = tmp_path / "no_task.csv"
     no_task.write_text("id,text\na,red shirt\n")
-    config.sections["data"]["train"] = str(no_task)
+    config.data.train = str(no_task)
     with pytest.raises(DataError, match="no task column 'color'"):
         Trainer(config, tmp_path / "run", progress=False).fit()
     assert time.perf_counter() - started < 1.0

@@ -213,7 +213,8 @@ def test_blend_weights_round_trip_through_a_checkpoint(tiny_bert_dir, tmp_path):
 
 @pytest.mark.parametrize(
     ("section", "message"),
-    [(3, "expected a mapping"), ({"loss_weight": -1}, "> 0"),
+    [(3, "expected a mapping"),
+     ({"loss_weight": -1}, "loss_weight: input should be greater than 0"),
      ({"los_weight": 1}, "did you mean 'loss_weight'")],
 )
 def test_bad_unimodal_heads_section_is_a_config_error(section, message):
@@ -330,10 +331,10 @@ def test_a_config_wins_over_its_preset_key_by_key():
 
 def test_zero_config_uses_the_default_preset_and_unknown_presets_are_refused(catalogue):
     config = build_run_config(train=str(catalogue["train"]), val=str(catalogue["val"]))
-    assert config.unimodal_loss_weight is not None
-    assert config.text.options["freeze"] is PRESETS[DEFAULT_PRESET]["text"]["freeze"]
+    assert config.model.unimodal_loss_weight is not None
+    assert config.model.text.options["freeze"] is PRESETS[DEFAULT_PRESET]["text"]["freeze"]
     plain = build_run_config({"tasks": TASKS})
-    assert plain.unimodal_loss_weight is None  # a config without --preset is taken as written
+    assert plain.model.unimodal_loss_weight is None  # a config without --preset is taken as written
     with pytest.raises(ConfigError, match="unknown preset 'fastest'; presets: best, fast"):
         build_run_config(train=str(catalogue["train"]), preset="fastest")
 
@@ -355,7 +356,7 @@ def test_cli_train_with_a_preset_prints_the_model_against_its_heads(catalogue, t
 
     config = run_config(catalogue, tiny_bert_dir, tmp_path, epochs=2)
     config = {k: v for k, v in config.items() if k not in ("tasks", "unimodal_heads")}
-    config["fusion"] = {"sequence": {"name": "transformer", "dim": 16, "heads": 2}}
+    config["fusion"] = {"dim": 16, "sequence": {"name": "transformer", "heads": 2}}
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     code = main(["-q", "train", "--config", str(path), "--preset", "fast",

@@ -16,10 +16,21 @@ tasks:
 
 ``vision`` / ``text`` left out take the offline pretrained defaults (EfficientNet-Lite0 and
 all-MiniLM-L6-v2, frozen); ``null`` leaves that modality out (single-modality baselines).
-``fusion.sequence: null`` is the paper's "without sequence-wise attention" ablation. Every
-key beyond ``name`` in a component section is an argument of that component's constructor and
-is checked against its signature. ``data`` and ``train`` sections are kept as given for the
-training layer, which validates them.
+``fusion.sequence: null`` is the paper's "without sequence-wise attention" ablation. The width
+of the fused tokens is ``fusion.dim``, its one place. ``image_size`` (from ``data.image_size``
+of a run config) is the side of the model's input images, kept with the model because
+inference needs it.
+
+Fixed sections (``unimodal_heads``; ``data`` and ``train`` of a run config) are pydantic
+models (see `fusionkit.config.base`). A component section's schema is its constructor, known
+only once the component is registered (plugins included): every key beyond ``name`` is an
+argument of that constructor, checked against its signature and type hints here. Either way
+an error names the key path and suggests the closest accepted key.
+
+A model config carries no training data: the ``data`` and ``train`` sections belong to the
+run config (`fusionkit.config.run.RunConfig`). Configs saved by earlier versions (checkpoints
+included) still load: their ``data.image_size`` is read, the rest of those sections ignored,
+and a width given as ``fusion.sequence.dim`` is read as ``fusion.dim``.
 """
 
 from __future__ import annotations
@@ -31,13 +42,17 @@ import inspect
 import os
 import types
 import typing
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from fusionkit import registry
-from fusionkit.errors import ConfigError, RegistryError
+from fusionkit.config.base import Section
+from fusionkit.errors import ConfigError, RegistryError, did_you_mean
 from fusionkit.io import read_yaml
 from fusionkit.tasks import TaskSpec, parse_tasks
 
@@ -64,18 +79,12 @@ DEFAULT_TEXT: dict[str, Any] = {
 }
 DEFAULT_DIM = 256
 TOP_LEVEL_KEYS = (
-    "model", "vision", "text", "fusion", "head", "unimodal_heads", "tasks", "data", "train"
+    "model", "vision", "text", "fusion", "head", "unimodal_heads", "tasks", "image_size"
 )
-#: Sections owned by other layers, passed through unvalidated here.
-PASS_THROUGH = ("data", "train")
+#: Sections of a run config; in a model config (old checkpoints) only ``data.image_size`` is read.
+RUN_KEYS = ("data", "train")
 
 _MISSING = object()
-
-
-def _did_you_mean(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
-    hint = f"did you mean {close[0]!r}? " if close else ""
-    return f"{hint}accepted: {', '.join(choices)}"
 
 
 def matches_type(value: Any, hint: Any) -> bool:
@@ -146,23 +155,39 @@ def _string_keyed_tasks(tasks: Any) -> Any:
     return tasks
 
 
+class UnimodalHeadsConfig(Section):
+    """The ``unimodal_heads`` section: a head per modality, trained beside the fused one.
+
+    Attributes:
+        loss_weight: Weight of the unimodal heads' losses (> 0).
+    """
+
+    loss_weight: float = Field(default=1.0, gt=0.0)
+
+
 def _unimodal_loss_weight(section: Any) -> float | None:
     """Read ``unimodal_heads``: null (no unimodal heads) or ``{loss_weight: w}`` (default 1)."""
     if section is None:
         return None
-    if not isinstance(section, Mapping):
-        raise ConfigError(
-            f"unimodal_heads: expected a mapping such as {{loss_weight: 1.0}} or null, "
-            f"got {section!r}"
-        )
-    unknown = [str(k) for k in section if k != "loss_weight"]
-    if unknown:
-        hint = _did_you_mean(unknown[0], ["loss_weight"])
-        raise ConfigError(f"unimodal_heads.{unknown[0]}: unknown key; {hint}")
-    weight = section.get("loss_weight", 1.0)
-    if not matches_type(weight, float) or weight <= 0:
-        raise ConfigError(f"unimodal_heads.loss_weight: expected a number > 0, got {weight!r}")
-    return float(weight)
+    return UnimodalHeadsConfig.parse(section, "unimodal_heads").loss_weight
+
+
+def _image_size(config: Mapping[str, Any]) -> int | None:
+    """``image_size``, or (a config of an earlier version) ``data.image_size``."""
+    for key in RUN_KEYS:
+        if key in config and not isinstance(config[key], Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {config[key]!r}")
+    size = config.get("image_size")
+    legacy = config.get("data")
+    if isinstance(legacy, Mapping) and legacy.get("image_size") is not None:
+        if size is not None and size != legacy["image_size"]:
+            raise ConfigError(
+                f"image_size ({size}) and data.image_size ({legacy['image_size']}) disagree"
+            )
+        size = legacy["image_size"]
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ConfigError(f"image_size: expected a positive integer, got {size!r}")
+    return size
 
 
 @dataclass
@@ -235,7 +260,7 @@ class ComponentConfig:
                 if takes_any and not difflib.get_close_matches(key, named, n=1, cutoff=0.85):
                     continue
                 raise ConfigError(
-                    f"{where}: unknown option for {kind} {name!r}; {_did_you_mean(key, named)}"
+                    f"{where}: unknown option for {kind} {name!r}; {did_you_mean(key, named)}"
                 )
             hint = hints.get(key, inspect.Parameter.empty)
             if not matches_type(value, hint):
@@ -284,7 +309,7 @@ class FusionConfig:
         if unknown:
             key = sorted(map(str, unknown))[0]
             raise ConfigError(
-                f"{path}.{key}: unknown key; {_did_you_mean(key, ['dim', 'sequence', 'modality'])}"
+                f"{path}.{key}: unknown key; {did_you_mean(key, ['dim', 'sequence', 'modality'])}"
             )
         raw_sequence = section.get("sequence", {"name": "transformer"})
         sequence = None
@@ -296,11 +321,20 @@ class FusionConfig:
                 )
             raw_sequence = dict(raw_sequence)
             seq_dim = raw_sequence.pop("dim", _MISSING)
-            if dim is not _MISSING and seq_dim is not _MISSING and dim != seq_dim:
-                raise ConfigError(
-                    f"{path}.dim ({dim}) and {path}.sequence.dim ({seq_dim}) disagree; give one"
-                )
-            dim = seq_dim if seq_dim is not _MISSING else dim
+            if seq_dim is not _MISSING:
+                if dim is not _MISSING and dim != seq_dim:
+                    raise ConfigError(
+                        f"{path}.dim ({dim}) and {path}.sequence.dim ({seq_dim}) disagree; "
+                        f"give {path}.dim only"
+                    )
+                if dim is _MISSING:
+                    warnings.warn(
+                        f"{path}.sequence.dim is read as {path}.dim, the one place of the "
+                        "width; write fusion.dim (saving the model again updates a checkpoint)",
+                        FutureWarning,
+                        stacklevel=4,
+                    )
+                dim = seq_dim
             sequence = ComponentConfig.parse(
                 "sequence_fusion",
                 raw_sequence,
@@ -322,13 +356,8 @@ class FusionConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The section as written in a config."""
-        sequence = None
-        if self.sequence is not None:
-            sequence = {"name": self.sequence.name, "dim": self.dim, **self.sequence.options}
-        out: dict[str, Any] = {"sequence": sequence, "modality": self.modality.to_dict()}
-        if self.sequence is None:
-            out = {"dim": self.dim, **out}
-        return out
+        sequence = None if self.sequence is None else self.sequence.to_dict()
+        return {"dim": self.dim, "sequence": sequence, "modality": self.modality.to_dict()}
 
 
 @dataclass
@@ -349,7 +378,8 @@ class ModelConfig:
             beside the fused head and blended with it after training (see
             `fusionkit.models.unimodal`); ``None`` (the key left out or null): no such heads.
         tasks: Task name → `fusionkit.tasks.TaskSpec`.
-        sections: The ``data`` and ``train`` sections, as given, for the training layer.
+        image_size: Side of the square input images in pixels; ``None``: the vision
+            backbone's own.
 
     Examples:
         >>> config = ModelConfig.from_dict({"vision": None, "tasks": {"color": {"num_classes": 3}}})
@@ -363,8 +393,8 @@ class ModelConfig:
     fusion: FusionConfig
     head: ComponentConfig
     tasks: dict[str, TaskSpec]
-    sections: dict[str, Any] = field(default_factory=dict)
     unimodal_loss_weight: float | None = None
+    image_size: int | None = None
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -382,10 +412,10 @@ class ModelConfig:
             return config
         if not isinstance(config, Mapping):
             raise ConfigError(f"a config must be a mapping, got {type(config).__name__}")
-        unknown = [k for k in config if k not in TOP_LEVEL_KEYS]
+        unknown = [k for k in config if k not in (*TOP_LEVEL_KEYS, *RUN_KEYS)]
         if unknown:
             key = str(unknown[0])
-            hint = _did_you_mean(key, list(TOP_LEVEL_KEYS))
+            hint = did_you_mean(key, list(TOP_LEVEL_KEYS))
             raise ConfigError(f"{key}: unknown top-level key; {hint}")
         model = config.get("model", "cma_clip")
         if not isinstance(model, str):
@@ -402,12 +432,6 @@ class ModelConfig:
             raise ConfigError(
                 "tasks: missing; give at least one task, e.g. {color: {classes: [a, b]}}"
             )
-        sections = {}
-        for key in PASS_THROUGH:
-            if key in config:
-                if not isinstance(config[key], Mapping):
-                    raise ConfigError(f"{key}: expected a mapping, got {config[key]!r}")
-                sections[key] = copy.deepcopy(dict(config[key]))
         return cls(
             model=model,
             vision=None
@@ -427,8 +451,8 @@ class ModelConfig:
                 reserved=("dim", "tasks"),
             ),
             tasks=parse_tasks(_string_keyed_tasks(config["tasks"])),
-            sections=sections,
             unimodal_loss_weight=_unimodal_loss_weight(config.get("unimodal_heads")),
+            image_size=_image_size(config),
         )
 
     @classmethod
@@ -438,9 +462,11 @@ class ModelConfig:
 
     @classmethod
     def load(cls, config: ModelConfig | Mapping[str, Any] | str | os.PathLike[str]) -> ModelConfig:
-        """Accept a `ModelConfig`, a mapping, or a YAML path."""
+        """Accept a `ModelConfig`, a run config (its model), a mapping, or a YAML path."""
         if isinstance(config, ModelConfig):
             return config
+        if isinstance(getattr(config, "model", None), ModelConfig):
+            return config.model
         if isinstance(config, (str, os.PathLike)):
             return cls.from_yaml(Path(config))
         return cls.from_dict(config)
@@ -457,5 +483,6 @@ class ModelConfig:
         }
         if self.unimodal_loss_weight is not None:
             out["unimodal_heads"] = {"loss_weight": self.unimodal_loss_weight}
-        out.update(copy.deepcopy(self.sections))
+        if self.image_size is not None:
+            out["image_size"] = self.image_size
         return out

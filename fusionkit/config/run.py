@@ -1,10 +1,7 @@
-"""Validated ``data`` and ``train`` sections of a run config.
-
-:class:`~fusionkit.models.ModelConfig` keeps these two sections as given; this module turns them
-into typed dataclasses. Unknown keys and wrong types raise :class:`~fusionkit.errors.ConfigError`
-naming the key path (``train.lr``) with a "did you mean" hint.
+"""The run config: the model, and the ``data`` and ``train`` sections of one training.
 
 ```yaml
+# ... the model's sections (see fusionkit.config.model), then:
 data:
   train: data/train.csv                    # relative paths are read from the working directory
   val: data/val.csv
@@ -19,26 +16,38 @@ train:
   precision: auto                          # bf16 autocast on CUDA, fp32 on CPU
 ```
 
+`RunConfig` keeps the three apart: a checkpoint stores the model config alone (with the
+image size, which inference needs), and the run folder's ``config.yaml`` the whole run config.
 Under ``torchrun``, ``data.batch_size`` is the global batch, split across the processes.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
-import typing
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
 
-from fusionkit.config.model import matches_type
+from pydantic import Field
+
+from fusionkit.config.base import Section
+from fusionkit.config.model import ModelConfig
 from fusionkit.errors import ConfigError
+from fusionkit.io import read_yaml
 
-__all__ = ["DataConfig", "TrainConfig", "parse_section"]
+__all__ = ["RUN_SECTIONS", "DataConfig", "RunConfig", "TrainConfig", "parse_section"]
+
+#: The top-level keys of a run config that are not the model's.
+RUN_SECTIONS = ("data", "train")
+
+Positive = Annotated[int, Field(ge=1)]
+NonNegative = Annotated[int, Field(ge=0)]
+Rate = Annotated[float, Field(ge=0.0)]
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-@dataclass
-class DataConfig:
+class DataConfig(Section):
     """The ``data`` section: where the manifests are and how batches are built.
 
     Attributes:
@@ -49,7 +58,8 @@ class DataConfig:
         test: Test manifest, used by ``fusionkit evaluate`` when no ``--data`` is given.
         tasks: Task columns to use (default: every label column, or the model's tasks).
         multi_label: Task columns to treat as multi-label even without a ``|`` cell.
-        image_size: Square input side in pixels, overriding the backbone's default size.
+        image_size: Square input side in pixels, overriding the backbone's default size
+            (stored with the model: inference uses it too).
         batch_size: Training batch size; under ``torchrun`` the global batch, split across
             processes.
         eval_batch_size: Batch size for evaluation and feature encoding.
@@ -65,24 +75,15 @@ class DataConfig:
     val: str | None = None
     test: str | None = None
     tasks: list[str] | None = None
-    multi_label: list[str] = field(default_factory=list)
-    image_size: int | None = None
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    num_workers: int = 0
+    multi_label: list[str] = Field(default_factory=list)
+    image_size: Positive | None = None
+    batch_size: Positive = 32
+    eval_batch_size: Positive = 64
+    num_workers: NonNegative = 0
     on_error: Literal["skip", "raise"] = "skip"
 
-    def __post_init__(self) -> None:
-        _positive(self.batch_size, "data.batch_size")
-        _positive(self.eval_batch_size, "data.eval_batch_size")
-        if self.image_size is not None:
-            _positive(self.image_size, "data.image_size")
-        if self.num_workers < 0:
-            raise ConfigError(f"data.num_workers: expected >= 0, got {self.num_workers}")
 
-
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     """The ``train`` section: optimisation, schedule, checkpoints and the feature cache.
 
     Attributes:
@@ -127,66 +128,44 @@ class TrainConfig:
         0.0005
     """
 
-    epochs: int = 10
-    lr: float = 1e-3
-    lr_backbone: float = 1e-5
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.0
-    grad_clip: float = 1.0
+    epochs: Positive = 10
+    lr: Rate = 1e-3
+    lr_backbone: Rate = 1e-5
+    weight_decay: Rate = 0.01
+    warmup_ratio: Fraction = 0.05
+    min_lr_ratio: Fraction = 0.0
+    grad_clip: Rate = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     class_weight: Literal["none", "balanced"] = "none"
     augment: bool = True
-    modality_dropout: float = 0.0
-    modality_swap: float = 0.0
+    modality_dropout: Fraction = 0.0
+    modality_swap: Fraction = 0.0
     swap_modality: Literal["text", "image"] = "text"
     cache_features: bool | Literal["auto"] = "auto"
     cache_dir: str | None = None
     cache_dtype: Literal["float16", "float32"] = "float16"
-    save_every_steps: int = 0
+    save_every_steps: NonNegative = 0
     best_metric: Literal["accuracy", "loss"] = "accuracy"
-    early_stopping: int = 0
+    early_stopping: NonNegative = 0
     deterministic: bool = True
 
-    def __post_init__(self) -> None:
-        _positive(self.epochs, "train.epochs")
-        for name in (
-            "lr", "lr_backbone", "weight_decay", "grad_clip", "save_every_steps", "early_stopping"
-        ):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name}: expected >= 0, got {getattr(self, name)}")
-        for name in ("warmup_ratio", "min_lr_ratio", "modality_dropout", "modality_swap"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ConfigError(f"train.{name}: expected a number in [0, 1]")
 
-
-def _positive(value: int, path: str) -> None:
-    if value < 1:
-        raise ConfigError(f"{path}: expected a positive integer, got {value}")
-
-
-def _describe(hint: Any) -> str:
-    if isinstance(hint, type):
-        return hint.__name__
-    return str(hint).replace("typing.", "").replace("NoneType", "null")
-
-
-_Section = typing.TypeVar("_Section", DataConfig, TrainConfig)
+_Section = TypeVar("_Section", bound=Section)
 
 
 def parse_section(cls: type[_Section], raw: Mapping[str, Any] | None, path: str) -> _Section:
-    """Validate a raw config section into its dataclass.
+    """Validate a raw config section (``cls.parse``).
 
     Args:
-        cls: :class:`DataConfig` or :class:`TrainConfig`.
+        cls: A `Section` type, e.g. :class:`DataConfig` or :class:`TrainConfig`.
         raw: The section as read from YAML (``None`` = all defaults).
         path: The section's key (``"data"`` or ``"train"``) for error messages.
 
     Returns:
-        The dataclass with defaults filled in; floats given as ints are converted.
+        The section with defaults filled in.
 
     Raises:
         ConfigError: Not a mapping, an unknown key (with a "did you mean"), a wrong type or an
@@ -197,18 +176,70 @@ def parse_section(cls: type[_Section], raw: Mapping[str, Any] | None, path: str)
         Traceback (most recent call last):
         fusionkit.errors.ConfigError: train.epoch: unknown key; did you mean 'epochs'? ...
     """
-    raw = {} if raw is None else raw
-    if not isinstance(raw, Mapping):
-        raise ConfigError(f"{path}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    values: dict[str, Any] = {}
-    for key, value in raw.items():
-        if key not in hints:
-            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
-            hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ConfigError(f"{path}.{key}: unknown key; {hint}accepted: {', '.join(names)}")
-        if not matches_type(value, hints[key]):
-            raise ConfigError(f"{path}.{key}: expected {_describe(hints[key])}, got {value!r}")
-        values[key] = float(value) if hints[key] is float else value
-    return cls(**values)
+    return cls.parse(raw, path)
+
+
+@dataclass
+class RunConfig:
+    """A whole run: the model, and how to train it.
+
+    Build it with `from_dict` or `load`; `to_dict` writes it back as one mapping (the model's
+    sections and ``data`` and ``train``), which is what a run folder's ``config.yaml`` holds.
+    Attribute access the trainer needs most (``tasks``, ``modalities``) reads the model.
+
+    Attributes:
+        model: The model config (what a checkpoint stores).
+        data: The ``data`` section.
+        train: The ``train`` section.
+
+    Examples:
+        >>> run = RunConfig.from_dict({"vision": None, "tasks": {"c": {"num_classes": 2}},
+        ...                            "train": {"epochs": 2}})
+        >>> run.train.epochs, run.model.modalities
+        (2, ('text',))
+    """
+
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Read and validate a run config mapping.
+
+        Raises:
+            ConfigError: Any problem, with the key path.
+        """
+        if isinstance(raw, RunConfig):
+            return raw
+        if isinstance(raw, ModelConfig):
+            return cls(raw)
+        if not isinstance(raw, Mapping):
+            raise ConfigError(f"a config must be a mapping, got {type(raw).__name__}")
+        data = DataConfig.parse(raw.get("data"), "data")
+        train = TrainConfig.parse(raw.get("train"), "train")
+        model = {k: v for k, v in raw.items() if k not in RUN_SECTIONS}
+        if data.image_size is not None:
+            model.setdefault("image_size", data.image_size)
+        return cls(ModelConfig.from_dict(model), data, train)
+
+    @classmethod
+    def load(cls, config: RunConfig | Mapping[str, Any] | str | os.PathLike[str]) -> RunConfig:
+        """Accept a `RunConfig`, a `ModelConfig`, a mapping, or a YAML path."""
+        if isinstance(config, (str, os.PathLike)):
+            return cls.from_dict(read_yaml(Path(config)))
+        return cls.from_dict(config)
+
+    @property
+    def tasks(self) -> dict[str, Any]:
+        """The model's tasks."""
+        return self.model.tasks
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The model's modalities."""
+        return self.model.modalities
+
+    def to_dict(self) -> dict[str, Any]:
+        """The run config as one mapping that `from_dict` reads back."""
+        return {**self.model.to_dict(), "data": self.data.to_dict(), "train": self.train.to_dict()}

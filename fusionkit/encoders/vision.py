@@ -6,7 +6,6 @@ tokens. Either way the fusion layers receive ``(B, N, C)`` tokens and a mask.
 
 from __future__ import annotations
 
-import difflib
 import os
 from typing import Any
 
@@ -15,7 +14,7 @@ from torch import Tensor, nn
 
 from fusionkit.encoders.base import EncoderOutput, check_images
 from fusionkit.encoders.weights import OFFLINE_VISION_WEIGHTS, load_vision_weights
-from fusionkit.errors import ConfigError, ShapeError
+from fusionkit.errors import ConfigError, ShapeError, did_you_mean
 from fusionkit.registry import register
 
 __all__ = ["TimmVisionEncoder"]
@@ -85,12 +84,8 @@ class TimmVisionEncoder(nn.Module):
         from timm.data import resolve_model_data_config
 
         if not timm.is_model(model_name):
-            close = difflib.get_close_matches(model_name, timm.list_models(), n=3, cutoff=0.6)
-            hint = (
-                f"did you mean {', '.join(map(repr, close))}?"
-                if close
-                else "see timm.list_models()"
-            )
+            hint = did_you_mean(model_name, timm.list_models(), limit=3, list_choices=False)
+            hint = hint or "see timm.list_models()"
             raise ConfigError(f"unknown timm model {model_name!r}; {hint}")
         if not isinstance(pretrained, (bool, str, os.PathLike)):
             raise ConfigError(

@@ -14,7 +14,6 @@ onto the other position by position and checks every pair.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import os
 import pickle
@@ -28,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from fusionkit.errors import CheckpointError, ConfigError, MissingDependencyError
+from fusionkit.errors import CheckpointError, ConfigError, MissingDependencyError, did_you_mean
 
 __all__ = [
     "OFFLINE_TEXT_MODELS",
@@ -143,8 +142,8 @@ def _known(names: Mapping[str, object]) -> str:
 
 
 def _did_you_mean(word: str, names: Mapping[str, object]) -> str:
-    close = difflib.get_close_matches(word, list(names), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    hint = did_you_mean(word, names, list_choices=False)
+    return f" ({hint})" if hint else ""
 
 
 def _looks_like_path(text: str) -> bool:

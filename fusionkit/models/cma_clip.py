@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from fusionkit import registry
-from fusionkit.config import ModelConfig
+from fusionkit.config import ModelConfig, RunConfig
 from fusionkit.encoders.base import check_images
 from fusionkit.errors import CheckpointError, ConfigError, ShapeError
 from fusionkit.fusion.inputs import check_records_attention
@@ -480,11 +480,14 @@ class CMACLIP(nn.Module):
         return model.to(map_location).eval()
 
 
-def build_model(config: ModelConfig | Mapping[str, Any] | str | os.PathLike[str]) -> nn.Module:
-    """Build a model from a config mapping, a YAML path or a `ModelConfig`.
+def build_model(
+    config: ModelConfig | RunConfig | Mapping[str, Any] | str | os.PathLike[str],
+) -> nn.Module:
+    """Build a model from a config mapping, a YAML path, a `ModelConfig` or a run config.
 
     Args:
-        config: The configuration (see `fusionkit.models.config` for its shape).
+        config: The configuration (see `fusionkit.config.model` for its shape); of a run
+            config, the model part.
 
     Returns:
         The model named by ``config["model"]`` (``CMACLIP`` by default).

@@ -27,7 +27,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fusionkit.config import DataConfig, parse_section
 from fusionkit.data import image_data_config
 from fusionkit.errors import ConfigError, DataError, MissingDependencyError
 from fusionkit.serving.predictor import Predictor
@@ -177,8 +176,7 @@ def _load_image(image: str | os.PathLike[str] | Image.Image, transform: Any) -> 
 
 def _data_config(model: Any) -> dict[str, Any]:
     """The checkpoint's evaluation preprocessing (the one its predictor uses)."""
-    data = parse_section(DataConfig, model.config.sections.get("data"), "data")
-    return image_data_config(model.vision.data_config, data.image_size)
+    return image_data_config(model.vision.data_config, model.config.image_size)
 
 
 def _display_image(pixels: Tensor, data_config: dict[str, Any]) -> np.ndarray:

@@ -19,7 +19,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from fusionkit.config import DataConfig, parse_section
 from fusionkit.data import build_image_transform, image_data_config, open_image
 from fusionkit.device import resolve_device
 from fusionkit.errors import DataError
@@ -82,8 +81,7 @@ class Predictor:
         model = CMACLIP.from_pretrained(resolve_run_dir(directory), map_location=dev)
         transform = None
         if model.vision is not None:
-            data = parse_section(DataConfig, model.config.sections.get("data"), "data")
-            config = image_data_config(model.vision.data_config, data.image_size)
+            config = image_data_config(model.vision.data_config, model.config.image_size)
             transform = build_image_transform(config)
         return cls(model, transform, dev, batch_size)
 

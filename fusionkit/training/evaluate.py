@@ -19,13 +19,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from fusionkit.config import DataConfig, parse_section
+from fusionkit.config import DataConfig
 from fusionkit.data import ManifestDataset, build_image_transform, image_data_config, make_collate
 from fusionkit.device import resolve_device
 from fusionkit.errors import ConfigError, DataError
-from fusionkit.io import write_json
+from fusionkit.io import read_yaml, write_json
 from fusionkit.models import CMACLIP
-from fusionkit.runs import report_path, resolve_run_dir
+from fusionkit.runs import CONFIG_FILE, report_path, resolve_run_dir, run_config_path
 from fusionkit.tasks import TaskSpec
 from fusionkit.training import metrics
 from fusionkit.training.cache import batch_tokens
@@ -379,13 +379,13 @@ def evaluate_checkpoint(
     folder = resolve_run_dir(checkpoint)
     dev = resolve_device(device)
     model = CMACLIP.from_pretrained(folder, map_location=dev)
-    data_cfg = parse_section(DataConfig, model.config.sections.get("data"), "data")
+    data_cfg = _run_data_config(folder)
     manifest = data if data is not None else (data_cfg.test or data_cfg.val)
     if manifest is None:
         raise ConfigError("no data to evaluate on: pass --data or set data.test in the config")
     transform, image_shape = None, None
     if model.vision is not None:
-        config = image_data_config(model.vision.data_config, data_cfg.image_size)
+        config = image_data_config(model.vision.data_config, model.config.image_size)
         transform = build_image_transform(config)
         image_shape = tuple(config["input_size"])
     dataset = ManifestDataset(
@@ -407,3 +407,15 @@ def evaluate_checkpoint(
     write_json(target, report)
     report["report_path"] = str(target)
     return report
+
+
+def _run_data_config(checkpoint: Path) -> DataConfig:
+    """The ``data`` section of the run that wrote ``checkpoint`` (its ``test``/``val``, batch
+    sizes); a checkpoint of an earlier version carries it itself; defaults without either."""
+    for path in (run_config_path(checkpoint), checkpoint / CONFIG_FILE):
+        if path.is_file():
+            section = read_yaml(path).get("data")
+            if isinstance(section, Mapping):
+                return DataConfig.parse(section, "data")
+    return DataConfig()
+

@@ -43,7 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fusionkit.config import DataConfig, ModelConfig, TrainConfig, parse_section
+from fusionkit.config import RunConfig
 from fusionkit.data import check_manifest
 from fusionkit.device import autocast, resolve_device, resolve_precision
 from fusionkit.errors import ConfigError, TrainingError
@@ -180,7 +180,7 @@ class Trainer:
 
     def __init__(
         self,
-        config: Any,
+        config: RunConfig,
         output_dir: str | os.PathLike[str],
         *,
         resume: bool = False,
@@ -190,8 +190,7 @@ class Trainer:
         self.output_dir = Path(output_dir)
         self.resume = resume
         self.progress = progress
-        self.data = parse_section(DataConfig, config.sections.get("data"), "data")
-        self.train_config = parse_section(TrainConfig, config.sections.get("train"), "train")
+        self.data, self.train_config = config.data, config.train
         if self.data.train is None:
             raise ConfigError("data.train: missing; give a manifest (--train)")
         self.device = resolve_device(self.train_config.device)
@@ -562,7 +561,7 @@ def train(
     Examples:
         >>> result = train("configs/quickstart.yaml", "runs/quickstart")  # doctest: +SKIP
     """
-    if not isinstance(config, ModelConfig):
+    if not isinstance(config, RunConfig):
         config = build_run_config(config)
     return Trainer(config, output_dir, resume=resume, progress=progress).fit()
 

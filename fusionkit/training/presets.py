@@ -40,7 +40,7 @@ _SHARED: dict[str, Any] = {
     "vision": DEFAULT_VISION,
     "text": DEFAULT_TEXT,
     "fusion": {
-        "sequence": {"name": "transformer", "dim": 256, "layers": 1, "heads": 4,
+        "dim": 256, "sequence": {"name": "transformer", "layers": 1, "heads": 4,
                      "summary": "mean"},
         "modality": {"name": "keyless"},
     },

@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fusionkit.config import DataConfig, ModelConfig, TrainConfig, parse_section
+from fusionkit.config import DataConfig, RunConfig, TrainConfig
 from fusionkit.data import infer_tasks
 from fusionkit.errors import ConfigError
 from fusionkit.io import read_yaml
@@ -25,7 +25,7 @@ def build_run_config(
     seed: int | None = None,
     device: str | None = None,
     preset: str | None = None,
-) -> Any:
+) -> RunConfig:
     """Read a run config and apply command-line overrides; infer tasks from the data if needed.
 
     Without a config this is the default preset's model (offline EfficientNet-Lite0 + MiniLM
@@ -44,7 +44,7 @@ def build_run_config(
             out; without a config, ``None`` means the default preset.
 
     Returns:
-        The validated :class:`~fusionkit.models.ModelConfig`.
+        The validated :class:`~fusionkit.config.RunConfig`.
 
     Raises:
         ConfigError: An invalid config or preset name, or no tasks and no training data to
@@ -73,12 +73,12 @@ def build_run_config(
         if value is not None:
             section[key] = value
     raw["data"], raw["train"] = data, section
-    data_cfg = parse_section(DataConfig, data, "data")
-    parse_section(TrainConfig, section, "train")
+    data_cfg = DataConfig.parse(data, "data")
+    TrainConfig.parse(section, "train")
     if "tasks" not in raw:
         if data_cfg.train is None:
             raise ConfigError("tasks: missing, and no data.train (--train) to infer them from")
         inferred = infer_tasks(data_cfg.train, data_cfg.tasks, data_cfg.multi_label or None)
         raw["tasks"] = {name: spec.to_dict() for name, spec in inferred.items()}
-    return ModelConfig.from_dict(raw)
+    return RunConfig.from_dict(raw)
 
