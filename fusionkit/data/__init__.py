@@ -17,15 +17,13 @@ from __future__ import annotations
 from fusionkit.data.collate import Batch, SampleCollator, collate_samples, make_collate
 from fusionkit.data.columns import MODALITY_COLUMNS
 from fusionkit.data.manifest import (
-    RESERVED_COLUMNS,
     ManifestDataset,
     ManifestRecord,
     Sample,
-    check_manifest,
-    infer_tasks,
     open_image,
     write_manifest,
 )
+from fusionkit.data.reading import RESERVED_COLUMNS, check_manifest, infer_tasks
 from fusionkit.data.synthetic import (
     CATALOGUE_TASKS,
     CATALOGUE_VOCABULARY,

@@ -35,7 +35,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,10 +68,7 @@ from fusionkit.training.distributed import (
     init_distributed,
     sharded_loss,
     shutdown,
-    unused_parameters,
-    wrap_ddp,
 )
-from fusionkit.training.evaluate import forward_batch
 from fusionkit.training.optim import build_optimizer, build_scheduler
 from fusionkit.training.run_config import build_run_config
 from fusionkit.training.sources import (
@@ -81,8 +77,8 @@ from fusionkit.training.sources import (
     build_sources,
     epoch_batches,
 )
-from fusionkit.training.state import rng_state, seed_everything, set_rng_state
-from fusionkit.training.step import TrainingForward
+from fusionkit.training.state import restore_rng_state, rng_state, seed_everything
+from fusionkit.training.step import training_module
 from fusionkit.training.validation import gather_outputs, validation_report
 
 __all__ = ["TrainResult", "Trainer", "TrainingError", "train"]
@@ -397,14 +393,17 @@ class Trainer:
             scheduler.load_state_dict(tensors["scheduler"])
             if "scaler" in tensors:
                 scaler.load_state_dict(tensors["scaler"])
-            self._restore_rng(tensors)
+            restore_rng_state(tensors, self.ctx, self.train_config.seed)
             _LOG.info("resuming from %s at epoch %d, step %d", checkpoint, state["epoch"] + 1,
                       state["step"])
         elif self.resume:
             _LOG.warning("--resume: no checkpoint in %s; starting from scratch", self.output_dir)
         for key, value in _fresh_state().items():  # checkpoints of older versions lack some
             state.setdefault(key, value)
-        step_module = self._training_module(model, sources.train, sources.collate)
+        step_module = training_module(
+            model, sources, self.ctx, self.device, self.train_config, self.data.batch_size,
+            self.autocast_dtype,
+        )
         if self.ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_yaml(self.output_dir / CONFIG_FILE, self.config.to_dict())
@@ -424,28 +423,6 @@ class Trainer:
         """Checkpoints store frozen encoders unless every encoder is frozen (then the config
         rebuilds them from their pretrained weights)."""
         return len(model.frozen_modalities()) < len(model.modalities)
-
-    def _training_module(self, model: Any, source: Any, collate: Any) -> nn.Module:
-        """The (DDP-wrapped) training forward; parameters that never get a gradient frozen."""
-        module = TrainingForward(model, self.device, self.train_config)
-        if not self.ctx.distributed:
-            return module
-        size = min(len(source), max(2, math.ceil(self.data.batch_size / self.ctx.world_size)))
-        probe = collate([source[i] for i in range(size)])
-
-        def probe_loss() -> torch.Tensor:
-            with autocast(self.device, self.autocast_dtype):
-                return model.loss(forward_batch(model, probe, self.device), probe.targets)
-
-        unused = unused_parameters(model, probe_loss, self.ctx)
-        if unused:
-            # They would stall DDP's gradient buckets; AdamW skips them anyway (no gradient).
-            named = dict(model.named_parameters())
-            for name in unused:
-                named[name].requires_grad_(False)
-            shown = ", ".join(unused[:4]) + (", ..." if len(unused) > 4 else "")
-            _LOG.info("%d parameter(s) get no gradient; not synchronised: %s", len(unused), shown)
-        return wrap_ddp(module, self.ctx)
 
     # ----------------------------------------------------------------------------------------
     # Steps, checkpoints and validation
@@ -485,22 +462,6 @@ class Trainer:
             state=run.state,
             tensor_state=tensor_state,
         )
-
-    def _restore_rng(self, tensors: Mapping[str, Any]) -> None:
-        ranks = tensors.get("rng_ranks")
-        if not self.ctx.distributed:
-            set_rng_state(tensors["rng"])
-        elif ranks is not None and len(ranks) == self.ctx.world_size:
-            set_rng_state(ranks[self.ctx.rank])
-        else:
-            saved = len(ranks) if ranks is not None else 1
-            _LOG.warning(
-                "resuming %d process(es) from a %d-process checkpoint: dropout and "
-                "augmentation streams restart from the seed",
-                self.ctx.world_size,
-                saved,
-            )
-            seed_everything(self.train_config.seed + self.ctx.rank)
 
     def _write_metrics(self, history: list[dict[str, Any]]) -> None:
         if self.ctx.is_main:

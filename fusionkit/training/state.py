@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Mapping
 from typing import Any
@@ -9,7 +10,15 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = ["rng_state", "seed_everything", "seed_worker", "set_rng_state"]
+__all__ = [
+    "restore_rng_state",
+    "rng_state",
+    "seed_everything",
+    "seed_worker",
+    "set_rng_state",
+]
+
+_LOG = logging.getLogger("fusionkit.training")
 
 
 def seed_everything(seed: int) -> None:
@@ -49,4 +58,31 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     random.setstate((state["python_version"], tuple(state["python"]), state["python_gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def restore_rng_state(tensors: Mapping[str, Any], ctx: Any, seed: int) -> None:
+    """Restore this rank's RNG state from a checkpoint's tensor state.
+
+    A checkpoint keeps every rank's state; resuming with another number of processes restarts
+    the dropout and augmentation streams from the seed instead (with a warning).
+
+    Args:
+        tensors: The checkpoint's tensor state (``rng``, and ``rng_ranks`` when distributed).
+        ctx: The distributed context (``distributed``, ``rank``, ``world_size``).
+        seed: The run's seed.
+    """
+    ranks = tensors.get("rng_ranks")
+    if not ctx.distributed:
+        set_rng_state(tensors["rng"])
+    elif ranks is not None and len(ranks) == ctx.world_size:
+        set_rng_state(ranks[ctx.rank])
+    else:
+        saved = len(ranks) if ranks is not None else 1
+        _LOG.warning(
+            "resuming %d process(es) from a %d-process checkpoint: dropout and augmentation "
+            "streams restart from the seed",
+            ctx.world_size,
+            saved,
+        )
+        seed_everything(seed + ctx.rank)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -10,10 +11,13 @@ import torch
 from torch import nn
 
 from fusionkit.config import TrainConfig
+from fusionkit.device import autocast
 from fusionkit.training.augment import drop_modalities, swap_modalities
 from fusionkit.training.cache import batch_tokens
+from fusionkit.training.distributed import DistContext, unused_parameters, wrap_ddp
+from fusionkit.training.evaluate import forward_batch
 
-__all__ = ["CompileFallback", "TrainingForward"]
+__all__ = ["CompileFallback", "TrainingForward", "training_module"]
 
 _LOG = logging.getLogger("fusionkit.training")
 
@@ -76,4 +80,51 @@ class TrainingForward(nn.Module):
         if self.modality_dropout:
             masks = drop_modalities(masks, self.modality_dropout)
         return self.fuse(tokens, masks)
+
+
+def training_module(
+    model: Any,
+    sources: Any,
+    ctx: DistContext,
+    device: torch.device,
+    config: TrainConfig,
+    batch_size: int,
+    autocast_dtype: torch.dtype | None,
+) -> nn.Module:
+    """The training forward, wrapped in DDP under ``torchrun``.
+
+    Parameters that get no gradient from a probe batch are frozen first: they would stall
+    DDP's gradient buckets, and AdamW skips them anyway.
+
+    Args:
+        model: The model.
+        sources: The run's `~fusionkit.training.sources.Sources`.
+        ctx: The distributed context.
+        device: The training device.
+        config: The ``train`` section.
+        batch_size: The global batch size.
+        autocast_dtype: The autocast dtype (``None`` = float32).
+
+    Returns:
+        A module whose ``forward(batch)`` returns the model output.
+    """
+    module = TrainingForward(model, device, config)
+    if not ctx.distributed:
+        return module
+    source, collate = sources.train, sources.collate
+    size = min(len(source), max(2, math.ceil(batch_size / ctx.world_size)))
+    probe = collate([source[i] for i in range(size)])
+
+    def probe_loss() -> torch.Tensor:
+        with autocast(device, autocast_dtype):
+            return model.loss(forward_batch(model, probe, device), probe.targets)
+
+    unused = unused_parameters(model, probe_loss, ctx)
+    if unused:
+        named = dict(model.named_parameters())
+        for name in unused:
+            named[name].requires_grad_(False)
+        shown = ", ".join(unused[:4]) + (", ..." if len(unused) > 4 else "")
+        _LOG.info("%d parameter(s) get no gradient; not synchronised: %s", len(unused), shown)
+    return wrap_ddp(module, ctx)
 
