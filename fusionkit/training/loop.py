@@ -86,7 +86,6 @@ __all__ = ["TrainResult", "Trainer", "TrainingError", "train"]
 _LOG = logging.getLogger("fusionkit.training")
 
 
-
 @dataclass
 class TrainResult:
     """What :meth:`Trainer.fit` returns.
@@ -107,13 +106,12 @@ class TrainResult:
     @property
     def best_dir(self) -> Path:
         """The best checkpoint (absent for a run without a validation set)."""
-        return self.output_dir / "best"
+        return self.output_dir / BEST
 
     @property
     def last_dir(self) -> Path:
         """The last checkpoint."""
-        return self.output_dir / "last"
-
+        return self.output_dir / LAST
 
 
 @dataclass
@@ -493,7 +491,6 @@ class Trainer:
         for warning in report["warnings"]:
             _LOG.warning("%s", warning)
         return report
-
 
 
 def train(
