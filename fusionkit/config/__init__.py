@@ -6,10 +6,11 @@ read a config without importing the other. Fixed sections are pydantic models
 """
 
 from fusionkit.config.base import Section
+from fusionkit.config.component import ComponentConfig
+from fusionkit.config.inputs import InputConfig
 from fusionkit.config.model import (
     DEFAULT_TEXT,
     DEFAULT_VISION,
-    ComponentConfig,
     FusionConfig,
     ModelConfig,
     UnimodalHeadsConfig,
@@ -23,6 +24,7 @@ __all__ = [
     "ComponentConfig",
     "DataConfig",
     "FusionConfig",
+    "InputConfig",
     "ModelConfig",
     "RunConfig",
     "Section",

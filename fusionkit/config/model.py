@@ -35,16 +35,10 @@ and a width given as ``fusion.sequence.dim`` is read as ``fusion.dim``.
 
 from __future__ import annotations
 
-import collections.abc
-import copy
-import difflib
-import inspect
 import os
-import types
-import typing
 import warnings
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +46,8 @@ from pydantic import Field
 
 from fusionkit import registry
 from fusionkit.config.base import Section
+from fusionkit.config.component import ComponentConfig, matches_type
+from fusionkit.config.inputs import InputConfig, parse_inputs, shorthand_inputs
 from fusionkit.errors import ConfigError, RegistryError, did_you_mean
 from fusionkit.io import read_yaml
 from fusionkit.tasks import TaskSpec, parse_tasks
@@ -79,66 +75,13 @@ DEFAULT_TEXT: dict[str, Any] = {
 }
 DEFAULT_DIM = 256
 TOP_LEVEL_KEYS = (
-    "model", "vision", "text", "fusion", "head", "unimodal_heads", "tasks", "image_size"
+    "model", "inputs", "vision", "text", "fusion", "head", "unimodal_heads", "tasks",
+    "image_size",
 )
 #: Sections of a run config; in a model config (old checkpoints) only ``data.image_size`` is read.
 RUN_KEYS = ("data", "train")
 
 _MISSING = object()
-
-
-def matches_type(value: Any, hint: Any) -> bool:
-    """Whether a config value (YAML scalars, lists, mappings) fits a type hint.
-
-    ``bool`` is not an ``int`` here, an ``int`` is a ``float``, ``Literal`` values must match
-    in type too, and ``list[X]`` checks its items. Hints of other objects (paths, modules)
-    accept anything: the component that takes them validates them.
-
-    Args:
-        value: The value as read from YAML.
-        hint: A resolved type hint.
-
-    Returns:
-        True if the value fits.
-
-    Examples:
-        >>> matches_type(3, int | None), matches_type(True, int)
-        (True, False)
-    """
-    origin = typing.get_origin(hint)
-    if hint is Any or hint is inspect.Parameter.empty:
-        return True
-    if origin in (typing.Union, types.UnionType):
-        return any(matches_type(value, arg) for arg in typing.get_args(hint))
-    if origin is typing.Literal:
-        return any(value == arg and type(value) is type(arg) for arg in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is str:
-        return isinstance(value, str)
-    container = origin or hint
-    if container in (dict, Mapping, collections.abc.Mapping):
-        return isinstance(value, Mapping)
-    if container is list:
-        items = typing.get_args(hint)
-        return isinstance(value, list) and all(matches_type(v, items[0]) for v in value if items)
-    if container in (tuple, Sequence, collections.abc.Sequence):
-        return isinstance(value, (list, tuple))
-    return True
-
-
-def _type_hints(factory: Any) -> dict[str, Any]:
-    target = factory.__init__ if inspect.isclass(factory) else factory
-    try:
-        return typing.get_type_hints(target)
-    except Exception:  # unresolvable annotations: skip type checks, the component validates
-        return {}
 
 
 def _string_keyed_tasks(tasks: Any) -> Any:
@@ -188,96 +131,6 @@ def _image_size(config: Mapping[str, Any]) -> int | None:
     if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
         raise ConfigError(f"image_size: expected a positive integer, got {size!r}")
     return size
-
-
-@dataclass
-class ComponentConfig:
-    """One registered component: its ``name`` and constructor options.
-
-    Attributes:
-        kind: The registry kind.
-        name: The registered name.
-        options: Keyword arguments for the constructor (beyond those the model fills in).
-    """
-
-    kind: str
-    name: str
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def parse(
-        cls,
-        kind: str,
-        section: Any,
-        path: str,
-        *,
-        default_name: str | None = None,
-        reserved: tuple[str, ...] = (),
-    ) -> ComponentConfig:
-        """Read a ``{name: ..., option: value, ...}`` section and check it against the
-        component's constructor.
-
-        Args:
-            kind: Registry kind of the component.
-            section: The raw section (a mapping).
-            path: Key path for error messages (e.g. ``"fusion.sequence"``).
-            default_name: Used when the section has no ``name``.
-            reserved: Constructor arguments the model fills in; setting them is an error.
-
-        Raises:
-            ConfigError: Unknown component name, unknown option, wrong value type, or an
-                option the model sets itself.
-        """
-        if not isinstance(section, Mapping):
-            raise ConfigError(f"{path}: expected a mapping with a 'name', got {section!r}")
-        options = dict(section)
-        name = options.pop("name", default_name)
-        if not isinstance(name, str):
-            raise ConfigError(f"{path}.name: expected a registered {kind} name, got {name!r}")
-        try:
-            factory = registry.get(kind, name).factory
-        except RegistryError as error:
-            raise ConfigError(f"{path}.name: {error}") from None
-        parameters = inspect.signature(factory).parameters
-        hints = _type_hints(factory)
-        takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
-        named = [
-            n
-            for n, p in parameters.items()
-            if p.kind not in (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
-            and n not in reserved
-            and n != "self"
-        ]
-        for key, value in options.items():
-            where = f"{path}.{key}"
-            if not isinstance(key, str):
-                raise ConfigError(f"{path}: option names must be strings, got {key!r}")
-            if key in reserved:
-                raise ConfigError(f"{where}: set by the model, not in the config")
-            if key not in parameters:
-                # Extra options go to the component's **kwargs (e.g. timm's); one a letter or
-                # two off a named argument is a typo, not an extra.
-                if takes_any and not difflib.get_close_matches(key, named, n=1, cutoff=0.85):
-                    continue
-                raise ConfigError(
-                    f"{where}: unknown option for {kind} {name!r}; {did_you_mean(key, named)}"
-                )
-            hint = hints.get(key, inspect.Parameter.empty)
-            if not matches_type(value, hint):
-                shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-                raise ConfigError(f"{where}: expected {shown}, got {value!r}")
-        missing = [
-            n
-            for n in named
-            if parameters[n].default is inspect.Parameter.empty and n not in options
-        ]
-        if missing:
-            raise ConfigError(f"{path}: missing required option(s) {missing} for {kind} {name!r}")
-        return cls(kind, name, options)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The section as written in a config."""
-        return {"name": self.name, **copy.deepcopy(self.options)}
 
 
 @dataclass
@@ -369,8 +222,10 @@ class ModelConfig:
 
     Attributes:
         model: Registered model name (``"cma_clip"``).
-        vision: The vision encoder, or ``None`` for a text-only model.
-        text: The text encoder, or ``None`` for an image-only model.
+        inputs: Input name → `fusionkit.config.inputs.InputConfig`, in the column order of
+            the modality weights; from ``inputs:``, or the ``vision:`` / ``text:`` shorthand.
+        vision: The shorthand's vision encoder, or ``None`` (text-only, or ``inputs:``).
+        text: The shorthand's text encoder, or ``None`` (image-only, or ``inputs:``).
         fusion: The fusion section.
         head: The head (``mlp`` by default).
         unimodal_loss_weight: With ``unimodal_heads: {loss_weight: w}``, every modality also
@@ -388,6 +243,7 @@ class ModelConfig:
     """
 
     model: str
+    inputs: dict[str, InputConfig]
     vision: ComponentConfig | None
     text: ComponentConfig | None
     fusion: FusionConfig
@@ -398,8 +254,13 @@ class ModelConfig:
 
     @property
     def modalities(self) -> tuple[str, ...]:
-        """The modalities the model uses, in the column order of its modality weights."""
-        return tuple(m for m, c in (("text", self.text), ("image", self.vision)) if c is not None)
+        """The input names, in the column order of the modality weights."""
+        return tuple(self.inputs)
+
+    @property
+    def shorthand(self) -> bool:
+        """True for a config written with ``vision:`` / ``text:`` rather than ``inputs:``."""
+        return self.inputs == shorthand_inputs(self.vision, self.text)
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> ModelConfig:
@@ -424,24 +285,37 @@ class ModelConfig:
             registry.get("model", model)
         except RegistryError as error:
             raise ConfigError(f"model: {error}") from None
-        vision = config.get("vision", DEFAULT_VISION)
-        text = config.get("text", DEFAULT_TEXT)
-        if vision is None and text is None:
-            raise ConfigError("vision and text are both null: a model needs at least one modality")
+        if "inputs" in config:
+            both = [key for key in ("vision", "text") if key in config]
+            if both:
+                raise ConfigError(
+                    f"{both[0]}: give the inputs either in inputs or as vision/text, not both"
+                )
+            vision = text = None
+            inputs = parse_inputs(config["inputs"])
+        else:
+            raw_vision = config.get("vision", DEFAULT_VISION)
+            raw_text = config.get("text", DEFAULT_TEXT)
+            if raw_vision is None and raw_text is None:
+                raise ConfigError(
+                    "vision and text are both null: a model needs at least one modality"
+                )
+            vision = None if raw_vision is None else ComponentConfig.parse(
+                "vision_encoder", raw_vision, "vision", default_name="timm"
+            )
+            text = None if raw_text is None else ComponentConfig.parse(
+                "text_encoder", raw_text, "text", default_name="sentence_transformers"
+            )
+            inputs = shorthand_inputs(vision, text)
         if "tasks" not in config:
             raise ConfigError(
                 "tasks: missing; give at least one task, e.g. {color: {classes: [a, b]}}"
             )
         return cls(
             model=model,
-            vision=None
-            if vision is None
-            else ComponentConfig.parse("vision_encoder", vision, "vision", default_name="timm"),
-            text=None
-            if text is None
-            else ComponentConfig.parse(
-                "text_encoder", text, "text", default_name="sentence_transformers"
-            ),
+            inputs=inputs,
+            vision=vision,
+            text=text,
             fusion=FusionConfig.parse(config.get("fusion")),
             head=ComponentConfig.parse(
                 "head",
@@ -473,10 +347,13 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as a plain mapping that `from_dict` reads back."""
-        out: dict[str, Any] = {
-            "model": self.model,
-            "vision": None if self.vision is None else self.vision.to_dict(),
-            "text": None if self.text is None else self.text.to_dict(),
+        out: dict[str, Any] = {"model": self.model}
+        if self.shorthand:
+            out["vision"] = None if self.vision is None else self.vision.to_dict()
+            out["text"] = None if self.text is None else self.text.to_dict()
+        else:
+            out["inputs"] = {name: spec.to_dict() for name, spec in self.inputs.items()}
+        out |= {
             "fusion": self.fusion.to_dict(),
             "head": self.head.to_dict(),
             "tasks": {name: spec.to_dict() for name, spec in self.tasks.items()},

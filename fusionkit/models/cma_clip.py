@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +25,9 @@ from fusionkit.io import (
     write_checksums,
     write_yaml,
 )
-from fusionkit.models.unimodal import LateFusionBlend, UnimodalHeads, masked_mean
+from fusionkit.models.inputs import SHORTHAND_ATTRIBUTES, build_encoders, encode_inputs, owner_of
+from fusionkit.models.output import CMACLIPOutput, TokenPool
+from fusionkit.models.unimodal import LateFusionBlend, UnimodalHeads
 
 __all__ = [
     "CMACLIP",
@@ -40,70 +41,23 @@ CONFIG_FILE = "config.yaml"
 WEIGHTS_FILE = "model.safetensors"
 
 
-@dataclass
-class CMACLIPOutput:
-    """What `CMACLIP` returns.
-
-    Attributes:
-        logits: Task → ``(B, num_classes)``: the model's final scores. Without unimodal heads
-            these are the fused head's logits; with them, the late-fusion blend of the fused
-            and unimodal heads (log-probabilities for single-label tasks, see
-            `fusionkit.models.unimodal.LateFusionBlend`).
-        modality_weights: Task → ``(B, M)``, columns in ``model.modalities`` order; each row
-            sums to 1 over the sample's present modalities, an absent one gets exactly 0.
-        embeddings: Task → fused embedding ``(B, dim)`` fed to that task's head.
-        summaries: Modality → summary embedding ``(B, dim)`` after the sequence fusion.
-        present: Modality → ``(B,)`` bool.
-        attentions: Per fusion layer ``(B, heads, L, L)`` when asked for (explanations).
-        spans: Modality → ``(start, end)`` in the fused sequence, with ``attentions``.
-    """
-
-    logits: dict[str, Tensor]
-    modality_weights: dict[str, Tensor]
-    embeddings: dict[str, Tensor]
-    summaries: dict[str, Tensor]
-    present: dict[str, Tensor]
-    attentions: list[Tensor] | None = None
-    spans: dict[str, tuple[int, int]] | None = field(default=None)
-    fused_logits: dict[str, Tensor] | None = None
-    unimodal_logits: dict[str, dict[str, Tensor]] | None = None
-
-    def source_logits(self) -> dict[str, dict[str, Tensor]]:
-        """Source (``fused`` and each modality with a head of its own) → task → logits.
-
-        Empty for a model without unimodal heads: its ``logits`` are the fused head's.
-        """
-        if self.fused_logits is None or self.unimodal_logits is None:
-            return {}
-        return {"fused": self.fused_logits, **self.unimodal_logits}
-
-
-class _Pool(nn.Module):
-    """Summary of an encoder's tokens without sequence fusion: first (prefix) token or mean."""
-
-    def __init__(self, width: int, dim: int, first_token: bool) -> None:
-        super().__init__()
-        self.first_token = first_token
-        self.proj = nn.Sequential(nn.Linear(width, dim), nn.LayerNorm(dim))
-
-    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        pooled = tokens[:, 0] if self.first_token else masked_mean(tokens, mask)
-        return self.proj(pooled)
-
-
 @registry.register("model", "cma_clip")
 class CMACLIP(nn.Module):
-    """CMA-CLIP (Liu et al., 2021) from any vision and any text encoder.
+    """CMA-CLIP (Liu et al., 2021) from any vision and any text encoders, over named inputs.
 
-    ``forward_features`` runs the encoders (tokens and masks per modality);
-    ``forward_head`` runs the fusion and the heads. Either modality may be absent for the
-    whole batch (not passed) or per sample (``None`` in ``texts``, ``present`` flags), and is
-    then masked out of both attentions.
+    ``forward_features`` runs the encoders (tokens and masks per input); ``forward_head``
+    runs the fusion and the heads. The inputs are the config's ``inputs`` (for example a
+    title, a description and two photos), or ``text`` and ``image`` for the ``vision:`` /
+    ``text:`` shorthand; the fusions and the modality weights are keyed by input name. Any
+    input may be absent for the whole batch (not passed) or per sample (``None`` in a list of
+    texts, ``present`` flags), and is then masked out of both attentions.
 
     Args:
         config: The validated model configuration.
-        vision: A built vision encoder (or ``None``); built from ``config`` when omitted.
-        text: A built text encoder (or ``None``); built from ``config`` when omitted.
+        vision: A built vision encoder for the shorthand's ``image`` input (or ``None``); built
+            from ``config`` when omitted.
+        text: A built text encoder for the shorthand's ``text`` input (or ``None``); built
+            from ``config`` when omitted.
 
     Raises:
         ConfigError: The configuration is invalid.
@@ -125,17 +79,27 @@ class CMACLIP(nn.Module):
         super().__init__()
         self.config = config
         self.modalities = config.modalities
-        self.vision = (
-            vision
-            if vision is not None or config.vision is None
-            else registry.create("vision_encoder", config.vision.name, **config.vision.options)
-        )
-        self.text = (
-            text
-            if text is not None or config.text is None
-            else registry.create("text_encoder", config.text.name, **config.text.options)
-        )
-        widths = {m: self._encoder(m).width for m in self.modalities}
+        self.vision: nn.Module | None = None
+        self.text: nn.Module | None = None
+        self.input_encoders: nn.ModuleDict | None = None
+        if config.shorthand:
+            # The shorthand keeps its encoders at ``vision`` and ``text``, the state-dict
+            # layout of every checkpoint saved with it.
+            self.vision = (
+                vision
+                if vision is not None or config.vision is None
+                else registry.create("vision_encoder", config.vision.name, **config.vision.options)
+            )
+            self.text = (
+                text
+                if text is not None or config.text is None
+                else registry.create("text_encoder", config.text.name, **config.text.options)
+            )
+        else:
+            if vision is not None or text is not None:
+                raise ConfigError("vision= and text= build the shorthand's encoders only")
+            self.input_encoders = nn.ModuleDict(build_encoders(config))
+        widths = {m: self.encoder_of(m).width for m in self.modalities}
         dim = config.fusion.dim
         self.dim = dim
         self.sequence_fusion: nn.Module | None = None
@@ -151,7 +115,9 @@ class CMACLIP(nn.Module):
         else:
             self.pool = nn.ModuleDict(
                 {
-                    m: _Pool(widths[m], dim, getattr(self._encoder(m), "num_prefix_tokens", 0) > 0)
+                    m: TokenPool(
+                        widths[m], dim, getattr(self.encoder_of(m), "num_prefix_tokens", 0) > 0
+                    )
                     for m in self.modalities
                 }
             )
@@ -179,24 +145,36 @@ class CMACLIP(nn.Module):
             )
             self.blend = LateFusionBlend(config.tasks, self.modalities)
 
-    def _encoder(self, modality: str) -> nn.Module:
-        encoder = self.vision if modality == "image" else self.text
+    def encoder_of(self, name: str) -> nn.Module:
+        """The encoder that reads input ``name`` (its own, or the one it shares).
+
+        Raises:
+            KeyError: The model has no input ``name``.
+        """
+        owner = owner_of(self.config, name)
+        if self.input_encoders is not None:
+            return self.input_encoders[owner]
+        encoder = getattr(self, SHORTHAND_ATTRIBUTES[owner])
         assert encoder is not None
         return encoder
 
     def encoders(self) -> dict[str, nn.Module]:
-        """Modality → its encoder, for every modality the model uses.
+        """Input name → its encoder, for every input (shared encoders appear once per input).
 
         Returns:
             The encoders, in the order of `modalities`.
         """
-        return {modality: self._encoder(modality) for modality in self.modalities}
+        return {name: self.encoder_of(name) for name in self.modalities}
+
+    def inputs_of_kind(self, kind: str) -> list[str]:
+        """The names of the model's ``"image"`` or ``"text"`` inputs, in order."""
+        return [n for n, spec in self.config.inputs.items() if spec.kind == kind]
 
     def frozen_modalities(self) -> list[str]:
-        """The modalities whose encoder is frozen (``freeze: true``), which a cache can serve.
+        """The inputs whose encoder is frozen (``freeze: true``), which a cache can serve.
 
         Returns:
-            Modality names, in the order of `modalities`.
+            Input names, in the order of `modalities`.
         """
         return [m for m, encoder in self.encoders().items() if getattr(encoder, "frozen", False)]
 
@@ -210,48 +188,64 @@ class CMACLIP(nn.Module):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             return encoder(*args, **kwargs)
 
+    def _only_input(self, kind: str, argument: str) -> str:
+        """The one input of ``kind`` that ``images=`` / ``texts=`` address."""
+        names = self.inputs_of_kind(kind)
+        if not names:
+            encoder = "vision" if kind == "image" else "text"
+            raise ShapeError(f"{argument} were given but this model has no {encoder} encoder")
+        if len(names) > 1:
+            raise ShapeError(
+                f"{argument}: this model has {len(names)} {kind} inputs {names}; give "
+                "inputs={name: value, ...}"
+            )
+        return names[0]
+
     def forward_features(
         self,
         images: Tensor | None = None,
         texts: Sequence[str | None] | None = None,
         text_inputs: Mapping[str, Tensor] | None = None,
         present: Mapping[str, Tensor] | None = None,
+        *,
+        inputs: Mapping[str, Any] | None = None,
     ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        """Encode the given modalities into tokens and masks.
+        """Encode the given inputs into tokens and masks.
 
         Args:
-            images: ``(B, 3, H, W)`` float, preprocessed for the vision backbone.
-            texts: ``B`` strings; ``None`` marks a sample without text.
-            text_inputs: Pre-tokenised text (the text encoder's ``tokenize`` output).
-            present: Modality → ``(B,)`` bool, False where a sample lacks that modality
+            images: ``(B, 3, H, W)`` float, preprocessed for the vision backbone: the value of
+                the model's one image input.
+            texts: ``B`` strings (``None`` marks a sample without text): the value of the
+                model's one text input.
+            text_inputs: Pre-tokenised text (the text encoder's ``tokenize`` output), instead
+                of ``texts``.
+            present: Input name → ``(B,)`` bool, False where a sample lacks that input
                 (e.g. a placeholder image).
+            inputs: Input name → images, a list of texts or pre-tokenised text, for a model
+                with several inputs of a kind (``images`` / ``texts`` fill in the rest).
 
         Returns:
-            ``(tokens, masks)``: modality → ``(B, N, C)`` and ``(B, N)`` bool.
+            ``(tokens, masks)``: input name → ``(B, N, C)`` and ``(B, N)`` bool.
 
         Raises:
-            ShapeError: No input, an input for a modality the model lacks, images that are
-                not a finite float ``(B, C, H, W)`` tensor, or mismatched batch sizes.
+            ShapeError: No input, an input the model lacks, ``images`` / ``texts`` for a model
+                with no or several inputs of that kind, images that are not a finite float
+                ``(B, C, H, W)`` tensor, or mismatched batch sizes.
         """
-        tokens: dict[str, Tensor] = {}
-        masks: dict[str, Tensor] = {}
+        given: dict[str, Any] = dict(inputs or {})
         if images is not None:
-            if self.vision is None:
-                raise ShapeError("images were given but this model has no vision encoder")
-            # Here as well as in the timm adapter: a plugin encoder may not check.
-            check_images(images)
-            out = self._run_encoder(self.vision, images)
-            tokens["image"], masks["image"] = out.tokens, out.mask
+            given[self._only_input("image", "images")] = images
         if texts is not None or text_inputs is not None:
-            if self.text is None:
-                raise ShapeError("texts were given but this model has no text encoder")
-            out = self._run_encoder(self.text, texts=texts, text_inputs=text_inputs)
-            tokens["text"], masks["text"] = out.tokens, out.mask
-        if not tokens:
+            name = self._only_input("text", "texts")
+            given[name] = text_inputs if text_inputs is not None else texts
+        if not given:
             raise ShapeError("give images, texts or text_inputs: there is nothing to classify")
+        if images is not None:
+            check_images(images)  # named ``images`` in the message, as the caller wrote it
+        tokens, masks = encode_inputs(self.config, self.encoder_of, self._run_encoder, given)
         sizes = {m: t.shape[0] for m, t in tokens.items()}
         if len(set(sizes.values())) > 1:
-            raise ShapeError(f"images and texts disagree on the batch size: {sizes}")
+            raise ShapeError(f"the inputs disagree on the batch size: {sizes}")
         for modality, flags in (present or {}).items():
             if modality not in masks:
                 continue
@@ -333,14 +327,18 @@ class CMACLIP(nn.Module):
         text_inputs: Mapping[str, Tensor] | None = None,
         present: Mapping[str, Tensor] | None = None,
         *,
+        inputs: Mapping[str, Any] | None = None,
         return_attention: bool = False,
     ) -> CMACLIPOutput:
-        """Classify image+text samples; see `forward_features` for the arguments.
+        """Classify samples; see `forward_features` for the arguments.
 
         Returns:
             A `CMACLIPOutput`.
+
+        Examples:
+            >>> out = model(inputs={"title": ["red shirt"], "front": images})  # doctest: +SKIP
         """
-        tokens, masks = self.forward_features(images, texts, text_inputs, present)
+        tokens, masks = self.forward_features(images, texts, text_inputs, present, inputs=inputs)
         return self.forward_head(tokens, masks, return_attention=return_attention)
 
     def loss_terms(
@@ -378,10 +376,16 @@ class CMACLIP(nn.Module):
 
     def frozen_prefixes(self) -> list[str]:
         """State-dict prefixes of the frozen encoders (their weights come from the config)."""
+        if self.input_encoders is None:
+            return [
+                f"{name}."
+                for name in ("vision", "text")
+                if getattr(getattr(self, name), "frozen", False)
+            ]
         return [
-            f"{name}."
-            for name in ("vision", "text")
-            if getattr(getattr(self, name), "frozen", False)
+            f"input_encoders.{owner}."
+            for owner, encoder in self.input_encoders.items()
+            if getattr(encoder, "frozen", False)
         ]
 
     def save_pretrained(
@@ -457,9 +461,18 @@ class CMACLIP(nn.Module):
                 f"strings, got {excluded!r}"
             )
         raw = read_yaml(directory / CONFIG_FILE)
+        # The file holds the weights of every image encoder it does not exclude: skip loading
+        # them from their pretrained source first.
         if "vision." not in excluded and isinstance(raw.get("vision"), dict):
-            # The file holds the vision weights: skip loading them from their source first.
             raw["vision"] = {**raw["vision"], "pretrained": False}
+        for name, spec in (raw.get("inputs") or {}).items():
+            encoder = spec.get("encoder") if isinstance(spec, dict) else None
+            if (
+                isinstance(encoder, dict)
+                and "pretrained" in encoder
+                and f"input_encoders.{name}." not in excluded
+            ):
+                spec["encoder"] = {**encoder, "pretrained": False}
         model = cls(ModelConfig.from_dict(raw))
         expected = model.state_dict()
         missing = [

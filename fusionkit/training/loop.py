@@ -187,6 +187,13 @@ class Trainer:
         self.data, self.train_config = config.data, config.train
         if self.data.train is None:
             raise ConfigError("data.train: missing; give a manifest (--train)")
+        if not config.model.shorthand:
+            raise ConfigError(
+                f"inputs: the training data pipeline reads the image and text columns of the "
+                f"vision/text shorthand only; a model with the named inputs "
+                f"{list(config.model.inputs)} builds, runs, saves and loads from Python, but "
+                "cannot be trained from a manifest yet"
+            )
         self.device = resolve_device(self.train_config.device)
         self.autocast_dtype = resolve_precision(self.train_config.precision, self.device)
         for manifest in (self.data.train, self.data.val):

@@ -1,0 +1,183 @@
+"""Models over named inputs: several texts and images, encoders shared between inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_close
+
+from fusionkit.config import ModelConfig
+from fusionkit.errors import ConfigError, ShapeError
+from fusionkit.models import CMACLIP, build_model
+from fusionkit.training import Trainer, build_run_config
+
+TASKS = {"color": {"classes": ["blue", "red"]},
+         "pattern": {"classes": ["plain", "striped", "floral"], "multi_label": True}}
+IMAGE = {"name": "timm", "model_name": "test_efficientnet", "pretrained": False}
+
+
+def text_encoder(tiny_bert_dir, **options):
+    return {"name": "huggingface", "model_name_or_path": str(tiny_bert_dir), "max_length": 16,
+            **options}
+
+
+def three_inputs(tiny_bert_dir):
+    """Title, description (sharing the title's encoder) and a front photo."""
+    return {
+        "inputs": {
+            "title": {"encoder": text_encoder(tiny_bert_dir), "column": "title"},
+            "description": {"share": "title", "column": "description"},
+            "front": {"encoder": IMAGE, "column": "image"},
+        },
+        "fusion": {"dim": 32, "sequence": {"name": "transformer", "heads": 2}},
+        "head": {"name": "mlp", "hidden_dim": 32},
+        "unimodal_heads": {"loss_weight": 1.0},
+        "tasks": TASKS,
+    }
+
+
+@pytest.fixture
+def model(tiny_bert_dir):
+    torch.manual_seed(0)
+    return build_model(three_inputs(tiny_bert_dir)).eval()
+
+
+def batch():
+    """Three samples; the images are drawn from the global (seeded) RNG."""
+    return {
+        "title": ["a red shirt", "the blue bag", "a striped dress"],
+        "description": ["striped red", None, "blue dress on the mat"],
+        "front": torch.randn(3, 3, 32, 32),
+    }
+
+
+def test_config_reads_inputs_and_writes_them_back(tiny_bert_dir):
+    config = ModelConfig.from_dict(three_inputs(tiny_bert_dir))
+    assert config.modalities == ("title", "description", "front")
+    assert [config.inputs[n].kind for n in config.modalities] == ["text", "text", "image"]
+    assert config.inputs["description"].share == "title"
+    assert not config.shorthand and config.vision is None and config.text is None
+    again = ModelConfig.from_dict(config.to_dict())
+    assert again.inputs == config.inputs
+
+
+def test_the_shorthand_is_two_named_inputs(tiny_bert_dir):
+    config = ModelConfig.from_dict({"vision": IMAGE, "text": text_encoder(tiny_bert_dir),
+                                    "tasks": TASKS})
+    assert config.shorthand and config.modalities == ("text", "image")
+    assert (config.inputs["image"].column, config.inputs["text"].column) == ("image", "text")
+    assert "inputs" not in config.to_dict()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        ({}, r"^inputs: expected a mapping of input names"),
+        ({"a b": {"share": "x"}}, r"^inputs\.a b: an input name is a Python identifier"),
+        ({"t": {"column": "t"}}, r"^inputs\.t: give exactly one of encoder or share"),
+        ({"t": {"share": "u"}}, r"^inputs\.t\.share: no input 'u'"),
+        ({"t": {"encoder": {"name": "timmy"}}},
+         r"^inputs\.t\.encoder\.name: .*did you mean 'timm'"),
+        ({"t": {"encoder": IMAGE, "colum": "x"}}, r"^inputs\.t\.colum: unknown key; did you mean"),
+        ({"t": {"encoder": {**IMAGE, "freez": True}}},
+         r"^inputs\.t\.encoder\.freez: unknown option .*did you mean 'freeze'"),
+        ({"t": {"encoder": IMAGE}, "u": {"share": "t"}, "v": {"share": "u"}},
+         r"^inputs\.v\.share: 'u' shares an encoder itself"),
+        ({"t": {"encoder": IMAGE}, "u": {"share": "t", "kind": "text"}},
+         r"^inputs\.u\.kind: 't' is an image input"),
+    ],
+)
+def test_bad_inputs_name_the_key_path(inputs, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_dict({"inputs": inputs, "tasks": TASKS})
+    with pytest.raises(ConfigError, match=r"^vision: give the inputs either"):
+        ModelConfig.from_dict({"inputs": {"t": {"encoder": IMAGE}}, "vision": IMAGE,
+                               "tasks": TASKS})
+
+
+def test_three_inputs_give_three_weight_columns_and_mask_a_missing_one(model):
+    out = model(inputs=batch())
+    assert out.logits["color"].shape == (3, 2) and out.logits["pattern"].shape == (3, 3)
+    weights = out.modality_weights["color"]
+    assert weights.shape == (3, 3)
+    torch.testing.assert_close(weights.sum(1), torch.ones(3))
+    assert weights[1, 1] == 0  # sample 1 has no description
+    assert out.present["description"].tolist() == [True, False, True]
+
+
+def test_a_shared_encoder_is_one_module_run_once_per_batch(model):
+    title, description = model.encoder_of("title"), model.encoder_of("description")
+    assert title is description
+    assert not any(k.startswith("input_encoders.description") for k in model.state_dict())
+    calls = []
+    handle = title.register_forward_hook(lambda module, args, out: calls.append(1))
+    with torch.no_grad():
+        tokens, masks = model.forward_features(inputs=batch())
+    handle.remove()
+    assert len(calls) == 1
+    # Running each input alone gives the same tokens on every real position.
+    for name in ("title", "description"):
+        with torch.no_grad():
+            alone, alone_masks = model.forward_features(inputs={name: batch()[name]})
+        length = alone_masks[name].shape[1]
+        assert torch.equal(masks[name][:, :length], alone_masks[name])
+        keep = alone_masks[name]
+        assert_close(tokens[name][:, :length][keep], alone[name][keep])
+
+
+def test_two_images_and_one_text(tiny_bert_dir):
+    torch.manual_seed(0)
+    model = build_model({
+        "inputs": {
+            "front": {"encoder": IMAGE, "column": "image"},
+            "back": {"share": "front", "column": "image_back"},
+            "title": {"encoder": text_encoder(tiny_bert_dir)},
+        },
+        "fusion": {"dim": 32, "sequence": {"name": "transformer", "heads": 2}},
+        "tasks": TASKS,
+    }).eval()
+    images = torch.randn(2, 3, 32, 32)
+    out = model(inputs={"front": images, "back": images.flip(-1)}, texts=["a red shirt", None])
+    assert out.modality_weights["color"].shape == (2, 3)
+    assert out.modality_weights["color"][1, 2] == 0  # no title for sample 1
+    two = r"images: this model has 2 image inputs \['front', 'back'\]"
+    with pytest.raises(ShapeError, match=two):
+        model(images=images)
+    with pytest.raises(ShapeError, match=r"no input 'side'"):
+        model(inputs={"side": images})
+
+
+def test_named_inputs_save_and_load(model, tmp_path):
+    samples = batch()
+    with torch.no_grad():
+        before = model(inputs=samples)
+    loaded = CMACLIP.from_pretrained(model.save_pretrained(tmp_path / "ckpt"))
+    assert loaded.config.inputs == model.config.inputs
+    with torch.no_grad():
+        after = loaded(inputs=samples)
+    for task in TASKS:
+        assert_close(after.logits[task], before.logits[task])
+
+
+def test_training_named_inputs_from_a_manifest_is_refused_clearly(tiny_bert_dir, tmp_path):
+    config = build_run_config({**three_inputs(tiny_bert_dir),
+                               "data": {"train": str(tmp_path / "train.csv")}})
+    with pytest.raises(ConfigError, match=r"^inputs: the training data pipeline reads"):
+        Trainer(config, tmp_path / "run")
+
+
+def test_a_frozen_shared_encoder_is_left_out_of_a_small_checkpoint(tiny_bert_dir, tmp_path):
+    config = three_inputs(tiny_bert_dir)
+    config["inputs"]["title"]["encoder"] = text_encoder(tiny_bert_dir, freeze=True)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    assert model.frozen_modalities() == ["title", "description"]
+    assert model.frozen_prefixes() == ["input_encoders.title."]
+    samples = batch()
+    with torch.no_grad():
+        before = model(inputs=samples)
+    folder = model.save_pretrained(tmp_path / "small", include_frozen=False)
+    loaded = CMACLIP.from_pretrained(folder)  # the title encoder comes from its config again
+    with torch.no_grad():
+        after = loaded(inputs=samples)
+    assert_close(after.logits["color"], before.logits["color"])
