@@ -62,6 +62,7 @@ __all__ = [
     "report_path",
     "resolve_run_dir",
     "run_config_path",
+    "run_folder",
     "save_checkpoint",
 ]
 
@@ -253,9 +254,7 @@ def run_config_path(checkpoint: str | os.PathLike[str]) -> Path:
         >>> run_config_path("runs/q/best").as_posix()
         'runs/q/config.yaml'
     """
-    folder = Path(checkpoint)
-    run = folder.parent if folder.name in (BEST, LAST) else folder
-    return run / CONFIG_FILE
+    return run_folder(checkpoint) / CONFIG_FILE
 
 
 def report_path(checkpoint: str | os.PathLike[str]) -> Path:
@@ -271,6 +270,15 @@ def report_path(checkpoint: str | os.PathLike[str]) -> Path:
         >>> report_path("runs/q/best").as_posix()
         'runs/q/report.json'
     """
+    return run_folder(checkpoint) / REPORT_FILE
+
+
+def run_folder(checkpoint: str | os.PathLike[str]) -> Path:
+    """The run folder of a checkpoint: the parent of ``best/`` or ``last/``, else itself.
+
+    Examples:
+        >>> run_folder("runs/q/last").as_posix(), run_folder("exported").as_posix()
+        ('runs/q', 'exported')
+    """
     folder = Path(checkpoint)
-    run = folder.parent if folder.name in (BEST, LAST) else folder
-    return run / REPORT_FILE
+    return folder.parent if folder.name in (BEST, LAST) else folder
