@@ -7,6 +7,7 @@ Examples:
     $ fusionkit train --train data/train.csv --val data/val.csv --output runs/mine
     $ fusionkit evaluate --checkpoint runs/mine --data data/test.csv
     $ fusionkit predict --checkpoint runs/mine --image shirt.png --text "red striped tee" --json
+    $ fusionkit predict --checkpoint runs/shop --input title="red tee" --input front=tee.png
     $ fusionkit data emoji --out data/emoji
     $ fusionkit data icons --out data/icons
     $ fusionkit explain --checkpoint runs/mine --image shirt.png --text "red tee" --out fig.png
@@ -92,6 +93,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
     predict.add_argument("--image", help="image file")
     predict.add_argument("--text", help="text")
+    predict.add_argument(
+        "--input",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a named input of the model: a text, or an image file for an image input "
+        "(repeatable)",
+    )
     predict.add_argument("--manifest", help="manifest to predict (with --out)")
     predict.add_argument("--out", help="output .csv or .jsonl for --manifest")
     predict.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -231,8 +240,10 @@ def _predict(args: argparse.Namespace) -> int:
     from fusionkit.errors import ConfigError
     from fusionkit.serving import Predictor
 
-    if args.manifest is None and args.image is None and args.text is None:
-        raise ConfigError("give --image and/or --text, or --manifest with --out")
+    if args.manifest is None and args.image is None and args.text is None and not args.input:
+        raise ConfigError(
+            "give --image and/or --text, --input NAME=VALUE, or --manifest with --out"
+        )
     if args.manifest is not None and args.out is None:
         raise ConfigError("--manifest needs --out (a .csv or .jsonl path)")
     predictor = Predictor.from_pretrained(args.checkpoint, device=args.device)
@@ -240,9 +251,16 @@ def _predict(args: argparse.Namespace) -> int:
         path = predictor.predict_manifest(args.manifest, args.out)
         print(f"predictions: {path}")
         return 0
+    inputs = {}
+    for item in args.input:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            raise ConfigError(f"--input {item!r}: expected NAME=VALUE")
+        inputs[name] = [value]
     result = predictor.predict(
         images=[args.image] if args.image is not None and predictor.model.vision else None,
         texts=[args.text] if args.text is not None and predictor.model.text else None,
+        inputs=inputs or None,
     )[0]
     if args.json:
         print(json.dumps(result, indent=2))

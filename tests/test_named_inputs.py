@@ -181,3 +181,39 @@ def test_a_frozen_shared_encoder_is_left_out_of_a_small_checkpoint(tiny_bert_dir
     with torch.no_grad():
         after = loaded(inputs=samples)
     assert_close(after.logits["color"], before.logits["color"])
+
+
+def test_predict_named_inputs_from_python_and_the_cli(model, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from fusionkit.cli import main
+    from fusionkit.serving import Predictor
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(photo)
+    folder = model.save_pretrained(tmp_path / "ckpt")
+    predictor = Predictor.from_pretrained(folder, device="cpu")
+    assert set(predictor.image_transforms) == {"front"}
+    result = predictor.predict(inputs={"title": ["a red shirt"], "description": [None],
+                                       "front": [str(photo)]})[0]
+    weights = result["color"]["modality_weights"]
+    assert list(weights) == ["title", "description", "front"] and weights["description"] == 0
+    pixels = predictor.image_transforms["front"](Image.open(photo).convert("RGB"))
+    with torch.no_grad():
+        direct = model(inputs={"title": ["a red shirt"], "description": [None],
+                               "front": pixels[None]})
+    probs = direct.logits["color"].softmax(-1)[0]
+    assert result["color"]["scores"]["red"] == pytest.approx(float(probs[1]), abs=1e-5)
+
+    code = main(["-q", "predict", "--checkpoint", str(folder), "--json",
+                 "--input", "title=a red shirt", "--input", "description=striped red",
+                 "--input", f"front={photo}"])
+    assert code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert set(printed["color"]["modality_weights"]) == {"title", "description", "front"}
+    assert main(["-q", "predict", "--checkpoint", str(folder), "--input", "side=x"]) == 2
+    assert "no input 'side'" in capsys.readouterr().err
+    with pytest.raises(Exception, match="give inputs="):
+        predictor.predict(texts=["a red shirt"])

@@ -31,13 +31,16 @@ __all__ = ["Predictor"]
 
 
 class Predictor:
-    """Classify image+text samples with a trained model.
+    """Classify samples with a trained model: one image and one text, or named inputs.
 
     Args:
         model: A trained :class:`~fusionkit.models.CMACLIP`.
-        image_transform: PIL → tensor transform of the model's vision backbone.
+        image_transform: PIL → tensor transform of the model's vision backbone (of every
+            image input without one of its own in ``image_transforms``).
         device: Where to run.
         batch_size: Samples per forward pass.
+        image_transforms: Image input name → its transform, for a model with several image
+            inputs whose encoders differ.
 
     Examples:
         >>> predictor = Predictor.from_pretrained("runs/quickstart")  # doctest: +SKIP
@@ -51,9 +54,11 @@ class Predictor:
         image_transform: Any = None,
         device: torch.device | str = "cpu",
         batch_size: int = 32,
+        image_transforms: dict[str, Any] | None = None,
     ) -> None:
         self.model = model.to(device).eval()
         self.image_transform = image_transform
+        self.image_transforms = dict(image_transforms or {})
         self.device = torch.device(device)
         self.batch_size = batch_size
 
@@ -79,18 +84,59 @@ class Predictor:
         """
         dev = resolve_device(device)
         model = CMACLIP.from_pretrained(resolve_run_dir(directory), map_location=dev)
-        transform = None
-        if model.vision is not None:
-            config = image_data_config(model.vision.data_config, model.config.image_size)
-            transform = build_image_transform(config)
-        return cls(model, transform, dev, batch_size)
+        transforms = {
+            name: build_image_transform(
+                image_data_config(model.encoder_of(name).data_config, model.config.image_size)
+            )
+            for name in model.inputs_of_kind("image")
+        }
+        first = next(iter(transforms.values()), None)
+        return cls(model, first, dev, batch_size, image_transforms=transforms)
 
-    def _image(self, image: Image.Image | str | os.PathLike[str] | None) -> torch.Tensor | None:
+    def _image(
+        self, image: Image.Image | str | os.PathLike[str] | None, name: str | None = None
+    ) -> torch.Tensor | None:
         if image is None:
             return None
         if not isinstance(image, Image.Image):
             image = open_image(image)
-        return self.image_transform(image.convert("RGB"))
+        transform = self.image_transforms.get(name, self.image_transform)
+        return transform(image.convert("RGB"))
+
+    def _named(
+        self,
+        images: Sequence[Any] | None,
+        texts: Sequence[str | None] | None,
+        inputs: dict[str, Sequence[Any]] | None,
+    ) -> dict[str, Sequence[Any]]:
+        """Input name → values, with ``images`` / ``texts`` given to the one such input."""
+        named = dict(inputs or {})
+        for kind, values, argument in (("image", images, "images"), ("text", texts, "texts")):
+            if values is None:
+                continue
+            names = self.model.inputs_of_kind(kind)
+            if not names:
+                other = "texts" if kind == "image" else "images"
+                encoder = "vision" if kind == "image" else "text"
+                raise DataError(f"this model has no {encoder} encoder; give {other} only")
+            if len(names) > 1:
+                raise DataError(
+                    f"{argument}: this model has the {kind} inputs {names}; give inputs={{...}}"
+                )
+            named[names[0]] = values
+        unknown = [name for name in named if name not in self.model.config.inputs]
+        if unknown:
+            raise DataError(
+                f"no input {unknown[0]!r}: the model's inputs are {list(self.model.modalities)}"
+            )
+        if not named:
+            raise DataError("give images, texts or both (or inputs={name: values})")
+        counts = {name: len(values) for name, values in named.items()}
+        if len(set(counts.values())) > 1:
+            if set(counts) == {"image", "text"} and self.model.config.shorthand:
+                raise DataError(f"{counts['image']} images but {counts['text']} texts")
+            raise DataError(f"the inputs have different numbers of samples: {counts}")
+        return named
 
     def _describe(self, output: Any, row: int) -> dict[str, Any]:
         result: dict[str, Any] = {}
@@ -121,12 +167,18 @@ class Predictor:
         self,
         images: Sequence[Image.Image | str | os.PathLike[str] | None] | None = None,
         texts: Sequence[str | None] | None = None,
+        *,
+        inputs: dict[str, Sequence[Any]] | None = None,
     ) -> list[dict[str, Any]]:
         """Predict every task for each sample.
 
         Args:
-            images: PIL images or paths (``None`` for a sample without image).
-            texts: Texts (``None`` or empty for a sample without text).
+            images: PIL images or paths (``None`` for a sample without image), for the
+                model's one image input.
+            texts: Texts (``None`` or empty for a sample without text), for its one text
+                input.
+            inputs: Input name → one value per sample (images or paths for an image input,
+                texts for a text input), for a model with named inputs.
 
         Returns:
             Per sample, task → ``{"label", "score"}`` (single-label) or ``{"labels"}``
@@ -134,39 +186,35 @@ class Predictor:
             ``"modality_weights"``.
 
         Raises:
-            DataError: No input, lists of different lengths, an unreadable image, or a
-                modality the model does not have.
+            DataError: No input, lists of different lengths, an unreadable image, an input
+                the model does not have, or ``images`` / ``texts`` for a model with several
+                inputs of that kind.
 
         Examples:
             >>> predictor.predict(texts=["red tee"], images=["tee.png"])  # doctest: +SKIP
+            >>> predictor.predict(inputs={"title": ["red tee"], "front": ["tee.png"]})
+            ... # doctest: +SKIP
         """
-        if images is None and texts is None:
-            raise DataError("give images, texts or both")
-        count = len(images if images is not None else texts)
-        if images is not None and texts is not None and len(images) != len(texts):
-            raise DataError(f"{len(images)} images but {len(texts)} texts")
-        if images is not None and self.model.vision is None:
-            raise DataError("this model has no vision encoder; give texts only")
-        if texts is not None and self.model.text is None:
-            raise DataError("this model has no text encoder; give images only")
+        named = self._named(images, texts, inputs)
+        count = len(next(iter(named.values())))
         results: list[dict[str, Any]] = []
         for start in range(0, count, self.batch_size):
             stop = min(count, start + self.batch_size)
-            kwargs: dict[str, Any] = {}
-            if images is not None:
-                loaded = [self._image(image) for image in images[start:stop]]
-                present = torch.tensor([t is not None for t in loaded])
+            values: dict[str, Any] = {}
+            present: dict[str, torch.Tensor] = {}
+            for name, column in named.items():
+                if self.model.config.inputs[name].kind == "text":
+                    values[name] = [t if t else None for t in column[start:stop]]
+                    continue
+                loaded = [self._image(image, name) for image in column[start:stop]]
                 shape = next((t.shape for t in loaded if t is not None), None)
                 if shape is None:
-                    size = self.image_transform(Image.new("RGB", (8, 8))).shape
-                    shape = size
-                kwargs["images"] = torch.stack(
+                    shape = self._image(Image.new("RGB", (8, 8)), name).shape
+                values[name] = torch.stack(
                     [t if t is not None else torch.zeros(shape) for t in loaded]
                 ).to(self.device)
-                kwargs["present"] = {"image": present.to(self.device)}
-            if texts is not None:
-                kwargs["texts"] = [t if t else None for t in texts[start:stop]]
-            output = self.model(**kwargs)
+                present[name] = torch.tensor([t is not None for t in loaded]).to(self.device)
+            output = self.model(inputs=values, present=present)
             results.extend(self._describe(output, row) for row in range(stop - start))
         return results
 
