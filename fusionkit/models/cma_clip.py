@@ -13,7 +13,6 @@ from torch import Tensor, nn
 
 from fusionkit import registry
 from fusionkit.config import ModelConfig, RunConfig
-from fusionkit.encoders.base import check_images
 from fusionkit.errors import CheckpointError, ConfigError, ShapeError
 from fusionkit.fusion.inputs import check_records_attention
 from fusionkit.heads import MultiTaskHead, hide_labels
@@ -233,16 +232,18 @@ class CMACLIP(nn.Module):
                 ``(B, C, H, W)`` tensor, or mismatched batch sizes.
         """
         given: dict[str, Any] = dict(inputs or {})
+        labels: dict[str, str] = {}
         if images is not None:
-            given[self._only_input("image", "images")] = images
+            name = self._only_input("image", "images")
+            given[name], labels[name] = images, "images"
         if texts is not None or text_inputs is not None:
             name = self._only_input("text", "texts")
             given[name] = text_inputs if text_inputs is not None else texts
         if not given:
             raise ShapeError("give images, texts or text_inputs: there is nothing to classify")
-        if images is not None:
-            check_images(images)  # named ``images`` in the message, as the caller wrote it
-        tokens, masks = encode_inputs(self.config, self.encoder_of, self._run_encoder, given)
+        tokens, masks = encode_inputs(
+            self.config, self.encoder_of, self._run_encoder, given, labels
+        )
         sizes = {m: t.shape[0] for m, t in tokens.items()}
         if len(set(sizes.values())) > 1:
             raise ShapeError(f"the inputs disagree on the batch size: {sizes}")

@@ -61,6 +61,7 @@ def encode_inputs(
     encoder_of: Callable[[str], nn.Module],
     run: Callable[..., Any],
     given: Mapping[str, Any],
+    labels: Mapping[str, str] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
     """Encode every given input, running each encoder once on all the inputs that share it.
 
@@ -71,6 +72,8 @@ def encode_inputs(
             a frozen one.
         given: Input name → ``(B, 3, H, W)`` images, a list of ``B`` texts (``None`` for a
             missing one), or pre-tokenised `TextInputs`.
+        labels: Input name → the name the caller gave it by (e.g. ``images``), for messages;
+            by default ``inputs['name']``.
 
     Returns:
         ``(tokens, masks)``: input name → ``(B, N, C)`` and ``(B, N)`` bool, in the order of
@@ -90,7 +93,7 @@ def encode_inputs(
         encoder = encoder_of(owner)
         if config.inputs[owner].kind == "image":
             for name in names:
-                check_images(given[name], f"inputs[{name!r}]")
+                check_images(given[name], (labels or {}).get(name, f"inputs[{name!r}]"))
             shapes = {tuple(given[name].shape[1:]) for name in names}
             if len(shapes) == 1:
                 batch = torch.cat([given[name] for name in names])
