@@ -34,6 +34,7 @@ _COLORS = {
     "timm": "#4477aa",
 }
 
+
 def _barh_groups(
     ax: Any,
     groups: Sequence[tuple[str, list[Row]]],
@@ -73,6 +74,7 @@ def _barh_groups(
     ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=min(3, len(impls)))
     ax.grid(axis="x", alpha=0.3)
 
+
 def _label_log_axis(axis: Any) -> None:
     """Label a log axis at 1-2-5 steps with plain numbers (``20``, ``50``), not powers of 10."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
@@ -80,6 +82,7 @@ def _label_log_axis(axis: Any) -> None:
     axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(NullFormatter())
+
 
 def _attention_chart(rows: Sequence[Row], device: str, path: Path) -> bool:
     import matplotlib.pyplot as plt
@@ -101,6 +104,7 @@ def _attention_chart(rows: Sequence[Row], device: str, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
 
 def _layer_families_chart(
     rows: Sequence[Row],
@@ -140,6 +144,7 @@ def _layer_families_chart(
     plt.close(fig)
     return True
 
+
 def _layers_chart(rows: Sequence[Row], device: str, path: Path) -> bool:
     ceiling = ceilings(rows)
 
@@ -157,6 +162,7 @@ def _layers_chart(rows: Sequence[Row], device: str, path: Path) -> bool:
         "median time (ms) - shorter is better",
         "time",
     )
+
 
 def _memory_chart(rows: Sequence[Row], device: str, path: Path) -> bool:
     import matplotlib.pyplot as plt
@@ -197,6 +203,7 @@ def _memory_chart(rows: Sequence[Row], device: str, path: Path) -> bool:
     plt.close(fig)
     return True
 
+
 def _throughput_chart(rows: Sequence[Row], device: str, path: Path) -> bool:
     def note(r: Row) -> str:
         return f"{fmt_rate(r['samples'] / r.median)} samples/s"
@@ -217,6 +224,7 @@ CHARTS: dict[str, Callable[[Sequence[Row], str, Path], bool]] = {
     "throughput": _throughput_chart,
     "memory": _memory_chart,
 }
+
 
 def write_charts(rows: Sequence[Row], out: Path) -> dict[str, str]:
     """Draw every chart the data allows; returns chart key → file name (relative to ``out``)."""

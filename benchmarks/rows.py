@@ -48,6 +48,7 @@ IMPL_ORDER = {name: i for i, name in enumerate((*BACKENDS, *DENSE_IMPLS, *VARLEN
 
 MODE_ORDER = {"fwd": 0, "fwd+bwd": 1}
 
+
 @dataclass
 class Row:
     """One measured case: its ``extra_info`` and timing statistics (seconds)."""
@@ -100,6 +101,7 @@ class Row:
         peak = self.info.get("peak_memory_bytes")
         return None if peak is None else peak / MIB
 
+
 def load_rows(paths: Sequence[Path]) -> tuple[list[Row], list[dict[str, Any]]]:
     """Read pytest-benchmark JSON files.
 
@@ -136,12 +138,14 @@ def load_rows(paths: Sequence[Path]) -> tuple[list[Row], list[dict[str, Any]]]:
         )
     return list(merged.values()), runs
 
+
 def fmt_time(seconds: float) -> str:
     """``0.0123`` → ``12.3 ms``."""
     for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
         if seconds >= scale:
             return f"{seconds / scale:.3g} {unit}"
     return f"{seconds / 1e-9:.3g} ns"
+
 
 def fmt_rate(value: float) -> str:
     """``123456`` → ``123k``."""
@@ -150,13 +154,16 @@ def fmt_rate(value: float) -> str:
             return f"{value / scale:.3g}{suffix}"
     return f"{value:.3g}"
 
+
 def fmt_mib(mib: float | None) -> str:
     if mib is None:
         return "–"
     return f"{mib:.3g}" if mib < 1000 else f"{mib:,.0f}"
 
+
 def flop_unit(device: str) -> tuple[str, float]:
     return ("TFLOP/s", 1e12) if device == "cuda" else ("GFLOP/s", 1e9)
+
 
 def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
     """A GitHub markdown table; numeric-looking columns are right-aligned."""
@@ -170,6 +177,7 @@ def markdown_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
+
 def ceilings(rows: Sequence[Row]) -> dict[tuple[str, str], float]:
     """(device, dtype) → the matmul FLOP/s of that run, on its fastest round.
 
@@ -178,19 +186,24 @@ def ceilings(rows: Sequence[Row]) -> dict[tuple[str, str], float]:
     """
     return {(r.device, r["dtype"]): r["flops"] / r.minimum for r in rows if r.family == "ceiling"}
 
+
 def ceiling_fraction(row: Row, ceiling: dict[tuple[str, str], float]) -> float | None:
     """The row's FLOP rate over the matmul ceiling of its device and dtype."""
     peak = ceiling.get((row.device, row["dtype"]))
     return None if not peak else row.flop_rate / peak
 
+
 def fmt_fraction(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f}%"
+
 
 def order_key(row: Row) -> tuple[Any, ...]:
     return (MODE_ORDER.get(row["mode"], 9), IMPL_ORDER.get(row.impl, 99), row.impl)
 
+
 def select(rows: Iterable[Row], **where: Any) -> list[Row]:
     return [r for r in rows if all(r.get(k) == v for k, v in where.items())]
+
 
 def group_by(rows: Sequence[Row], keys: Sequence[str]) -> list[tuple[tuple[Any, ...], list[Row]]]:
     """Group rows by ``keys`` in first-seen order (the grid order of the run)."""
@@ -199,14 +212,17 @@ def group_by(rows: Sequence[Row], keys: Sequence[str]) -> list[tuple[tuple[Any, 
         groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
     return list(groups.items())
 
+
 def best_peer(rows: Sequence[Row]) -> Row | None:
     """The fastest of ``torch`` / ``timm`` among rows of one shape, mode and dtype."""
     peers = [r for r in rows if r.impl in PEER_IMPLS]
     return min(peers, key=lambda r: r.median) if peers else None
 
+
 def flag(where: str, rows: Sequence[Row]) -> str:
     """``where``, marked when a case of the comparison was timed on a shared machine."""
     return where + (CONTENDED_MARK if any(r.contended for r in rows) else "")
+
 
 def label_of_target() -> str:
     s = TARGET_LAYER_SHAPE

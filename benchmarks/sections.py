@@ -94,6 +94,7 @@ def machine_section(rows: Sequence[Row], runs: Sequence[dict[str, Any]]) -> str:
         lines.append("")
     return "\n".join(lines)
 
+
 def ceiling_section(rows: Sequence[Row]) -> str:
     lines = ["## Machine ceiling: large matmul", ""]
     found = select(rows, family="ceiling")
@@ -132,6 +133,7 @@ def ceiling_section(rows: Sequence[Row]) -> str:
         "(same device and dtype, same run, fastest round).",
     ]
     return "\n".join(lines)
+
 
 def attention_section(rows: Sequence[Row], charts: dict[str, str]) -> str:
     lines = ["## `attention()` per backend, mask and mode", ""]
@@ -199,6 +201,7 @@ def attention_section(rows: Sequence[Row], charts: dict[str, str]) -> str:
             lines += [f"![attention {device}]({charts[f'attention_{device}']})", ""]
     return "\n".join(lines)
 
+
 def layer_section(rows: Sequence[Row], charts: dict[str, str]) -> str:
     lines = ["## One fusion layer against its peers (every token real)", ""]
     found = select(rows, family="layer")
@@ -222,6 +225,7 @@ def layer_section(rows: Sequence[Row], charts: dict[str, str]) -> str:
             lines += ["", f"![layers {device}]({charts[f'layers_{device}']})"]
     return "\n".join(lines)
 
+
 def varlen_section(rows: Sequence[Row], charts: dict[str, str]) -> str:
     lines = ["## Variable-length batches: packed against padded", ""]
     found = select(rows, family="varlen")
@@ -238,6 +242,7 @@ def varlen_section(rows: Sequence[Row], charts: dict[str, str]) -> str:
     lines.append("")
     lines.append(layer_tables(rows, found, varlen=True))
     return "\n".join(lines)
+
 
 def layer_tables(rows: Sequence[Row], found: Sequence[Row], *, varlen: bool) -> str:
     ceiling = ceilings(rows)
@@ -277,6 +282,7 @@ def layer_tables(rows: Sequence[Row], found: Sequence[Row], *, varlen: bool) -> 
         ]
         out += [f"### {device}", "", markdown_table(headers, table), ""]
     return "\n".join(out)
+
 
 def model_section(rows: Sequence[Row]) -> str:
     lines = ["## Full model: CMA-CLIP", ""]
@@ -329,6 +335,7 @@ def model_section(rows: Sequence[Row]) -> str:
         )
         lines += [f"### {device}", "", markdown_table(headers, table), ""]
     return "\n".join(lines)
+
 
 def memory_section(rows: Sequence[Row], charts: dict[str, str]) -> str:
     lines = ["## Peak memory against sequence length", ""]
