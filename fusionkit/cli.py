@@ -11,6 +11,8 @@ Examples:
     $ fusionkit data emoji --out data/emoji
     $ fusionkit data icons --out data/icons
     $ fusionkit explain --checkpoint runs/mine --image shirt.png --text "red tee" --out fig.png
+    $ fusionkit explain --checkpoint runs/shop --input title="red tee" --input front=tee.png \\
+          --text-input title --out fig.png
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ __all__ = ["build_parser", "main"]
 
 _HINTS = {
     "ConfigError": "check the config keys and values (see configs/quickstart.yaml)",
-    "DataError": "check the manifest: columns image, text, id and one per task",
+    "DataError": "check the manifest: a column per input (image, text), id and one per task",
     "CheckpointError": "point --checkpoint at a run folder or its best/ or last/ folder",
     "TrainingError": "lower train.lr or check the data; resume from last/ with --resume",
     "RegistryError": "run `fusionkit list` to see the registered components",
@@ -168,8 +170,14 @@ def _add_explain_parser(commands: Any) -> None:
         "explain", help="draw where in the image a word of the text attended"
     )
     explain.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
-    explain.add_argument("--image", required=True, help="image file")
-    explain.add_argument("--text", required=True, help="text")
+    explain.add_argument("--image", help="image file (of the model's one image input)")
+    explain.add_argument("--text", help="text (of the model's one text input)")
+    explain.add_argument(
+        "--input", action="append", default=[], metavar="NAME=VALUE",
+        help="a named input of the model: a text, or an image file (repeatable)",
+    )
+    explain.add_argument("--image-input", help="the image input to map (of several)")
+    explain.add_argument("--text-input", help="the text input whose words to explain")
     explain.add_argument("--out", required=True, help="PNG to write")
     explain.add_argument("--token", help="word to explain (default: the most image-attending)")
     explain.add_argument("--layers", choices=("last", "mean"), default="last",
@@ -236,6 +244,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _named_inputs(items: Sequence[str]) -> dict[str, str]:
+    """``--input NAME=VALUE`` arguments as input name → value."""
+    from fusionkit.errors import ConfigError
+
+    inputs = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        if not equals or not name:
+            raise ConfigError(f"--input {item!r}: expected NAME=VALUE")
+        inputs[name] = value
+    return inputs
+
+
 def _predict(args: argparse.Namespace) -> int:
     from fusionkit.errors import ConfigError
     from fusionkit.serving import Predictor
@@ -251,12 +272,7 @@ def _predict(args: argparse.Namespace) -> int:
         path = predictor.predict_manifest(args.manifest, args.out)
         print(f"predictions: {path}")
         return 0
-    inputs = {}
-    for item in args.input:
-        name, equals, value = item.partition("=")
-        if not equals or not name:
-            raise ConfigError(f"--input {item!r}: expected NAME=VALUE")
-        inputs[name] = [value]
+    inputs = {name: [value] for name, value in _named_inputs(args.input).items()}
     result = predictor.predict(
         images=[args.image] if args.image is not None and predictor.model.vision else None,
         texts=[args.text] if args.text is not None and predictor.model.text else None,
@@ -343,7 +359,8 @@ def _explain(args: argparse.Namespace) -> int:
 
     result = explain(
         args.checkpoint, args.image, args.text, args.out, token=args.token,
-        layers=args.layers, device=args.device,
+        layers=args.layers, device=args.device, inputs=_named_inputs(args.input),
+        image_input=args.image_input, text_input=args.text_input,
     )
     print(f"token {result.token!r} over a {result.grid[0]}x{result.grid[1]} grid: {result.path}")
     for task, (label, probability) in result.predictions.items():

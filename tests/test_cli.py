@@ -106,10 +106,10 @@ def _assert_clean_error(result, needle):
 def test_bad_data_exits_2_with_one_line(run, tmp_path):
     folder, paths = run
     checkpoint = str(folder / "run")
-    no_text = tmp_path / "no_text.csv"
-    no_text.write_text("id,image,color\na,images/x.png,red\n")
+    no_inputs = tmp_path / "no_inputs.csv"
+    no_inputs.write_text("id,color,pattern\na,red,plain\n")
     _assert_clean_error(fusionkit("evaluate", "--checkpoint", checkpoint, "--data",
-                                  str(no_text)), "no column 'text'")
+                                  str(no_inputs)), "no column 'text' or 'image'")
     unknown = tmp_path / "unknown.csv"
     unknown.write_text("image,text,color,pattern\n,red tee,mauve,plain\n")
     config = yaml.safe_load((folder / "model.yaml").read_text())

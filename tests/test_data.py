@@ -424,20 +424,43 @@ def test_empty_text_and_empty_rows(tmp_path: Path, image_file: Path,
     rows = [row("a", image_file, text="   "), row("b", "", text=""), row("c", "", text="ok")]
     with caplog.at_level(logging.WARNING, logger="fusionkit.data"):
         data = ManifestDataset(write_manifest(tmp_path / "m.csv", rows), TASKS, on_error="raise")
-    assert len(data) == 2 and data.skipped == {"no_image_no_text": 1}
+    assert len(data) == 2 and data.skipped == {"no_input": 1}
     assert data[0]["text"] is None and data[0]["image"] is not None
     assert data[1]["image"] is None and data[1]["text"] == "ok"
     assert data.missing_modalities == {"image": 1, "text": 1}
     assert "1 of 2 samples have no text" in caplog.text
 
 
-@pytest.mark.parametrize("missing", ["image", "text", "color"])
-def test_missing_column(tmp_path: Path, image_file: Path, missing: str) -> None:
+def test_missing_task_column(tmp_path: Path, image_file: Path) -> None:
+    columns = tuple(c for c in COLUMNS if c != "color")
+    rows = [{k: v for k, v in row("a", image_file).items() if k != "color"}]
+    path = write_manifest(tmp_path / "m.csv", rows, columns)
+    with pytest.raises(DataError, match=r"no task column 'color'.*columns found: \[.*'id'"):
+        ManifestDataset(path, TASKS)
+
+
+@pytest.mark.parametrize("missing", ["image", "text"])
+def test_an_absent_input_column_is_a_missing_input(
+    tmp_path: Path, image_file: Path, missing: str, caplog: pytest.LogCaptureFixture
+) -> None:
     columns = tuple(c for c in COLUMNS if c != missing)
     rows = [{k: v for k, v in row("a", image_file).items() if k != missing}]
     path = write_manifest(tmp_path / "m.csv", rows, columns)
-    with pytest.raises(DataError, match=rf"'{missing}'.*columns found: \[.*'id'"):
+    with caplog.at_level(logging.WARNING, logger="fusionkit.data"):
+        data = ManifestDataset(path, TASKS)
+    assert f"no column '{missing}' (input '{missing}')" in caplog.text
+    assert data[0][missing] is None and data.missing_inputs[missing] == 1
+    kept = "text" if missing == "image" else "image"
+    assert data[0][kept] is not None
+
+
+def test_a_manifest_without_any_input_column_is_refused(tmp_path: Path) -> None:
+    path = write_manifest(tmp_path / "m.csv", [{"id": "a", "color": "red", "pattern": ""}],
+                          ("id", "color", "pattern"))
+    with pytest.raises(DataError, match=r"no column 'image' or 'text'; columns found"):
         ManifestDataset(path, TASKS)
+    with pytest.raises(DataError, match=r"no column 'text'; columns found"):
+        ManifestDataset(path, TASKS, modalities=("text",))
 
 
 @pytest.mark.parametrize("suffix", [".csv", ".jsonl"])

@@ -1,7 +1,8 @@
-"""A model reads only the columns of the modalities it uses.
+"""A model reads only the columns of the inputs it uses.
 
 A text-only model never opens an image (so images of mixed sizes cannot break its batches) and
-needs no ``image`` column; an image-only model likewise ignores the ``text`` column.
+needs no ``image`` column; an image-only model likewise ignores the ``text`` column. A
+two-input model reads an absent column as that input missing from every sample.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def _config(modality: str, frozen: bool, manifests, bert: Path, tmp_path: Path) 
 def test_text_only_dataset_needs_no_image_column_and_loads_no_image(manifests):
     data = ManifestDataset(manifests["no_image"], TASKS, modalities=("text",))
     assert len(data) == 11  # the row without a text is skipped, the one without image kept
-    assert data.skipped == {"no_image_no_text": 1}
+    assert data.skipped == {"no_input": 1}
     assert data.missing_modalities == {"image": 0, "text": 0}
     mixed = ManifestDataset(manifests["mixed"], TASKS, modalities=("text",))
     assert [r.id for r in mixed.records] == [r.id for r in data.records]
@@ -88,7 +89,7 @@ def test_text_only_dataset_needs_no_image_column_and_loads_no_image(manifests):
 def test_image_only_dataset_needs_no_text_column(manifests):
     data = ManifestDataset(manifests["no_text"], TASKS, modalities=("image",))
     assert [r.id for r in data.records] == [f"s{k}" for k in range(11)]
-    assert data.skipped == {"no_image_no_text": 1}
+    assert data.skipped == {"no_input": 1}
     assert all(r.text is None for r in data.records)
     assert tuple(data[1]["image"].shape) == (3, 24, 36)
 
@@ -102,19 +103,24 @@ def test_unused_image_column_is_not_checked_for_missing_files(tmp_path):
         ManifestDataset(path, TASKS, on_error="raise")
 
 
-def test_two_modality_dataset_refuses_a_manifest_without_image(manifests):
-    with pytest.raises(DataError, match="no column 'image'"):
-        ManifestDataset(manifests["no_image"], TASKS)
-    with pytest.raises(DataError, match="no column 'text'"):
-        ManifestDataset(manifests["no_text"], TASKS, modalities=("text", "image"))
+def test_two_modality_dataset_reads_an_absent_column_as_missing(manifests, caplog):
+    with caplog.at_level("WARNING", logger="fusionkit.data"):
+        data = ManifestDataset(manifests["no_image"], TASKS)
+    assert "no column 'image' (input 'image')" in caplog.text
+    assert len(data) == 11 and all(data[k]["image"] is None for k in range(len(data)))
+    assert data.missing_inputs == {"image": 11, "text": 0}
 
 
-def test_two_modality_model_refuses_a_manifest_without_image(manifests, tiny_bert_dir, tmp_path):
+def test_two_modality_model_trains_on_a_manifest_without_image(manifests, tiny_bert_dir,
+                                                                 tmp_path, caplog):
     config = tiny_run_config(
-        manifests["no_image"], manifests["mixed"], tiny_bert_dir, tmp_path / "cache"
+        manifests["no_image"], manifests["mixed"], tiny_bert_dir, tmp_path / "cache", epochs=1
     )
-    with pytest.raises(DataError, match="no column 'image'"):
-        Trainer(build_run_config(config), tmp_path / "run", progress=False).fit()
+    config["data"]["batch_size"] = 4
+    with caplog.at_level("WARNING", logger="fusionkit.data"):
+        result = Trainer(build_run_config(config), tmp_path / "run", progress=False).fit()
+    assert "no column 'image'" in caplog.text
+    assert [record["epoch"] for record in result.history] == [1]
 
 
 @pytest.mark.parametrize("frozen", [True, False], ids=["frozen", "fine-tuned"])
@@ -134,7 +140,7 @@ def test_single_modality_model_trains_evaluates_and_predicts(
             tmp_path / "run", manifests[name], device="cpu", output=tmp_path / f"{name}.json"
         )
         assert report["num_samples"] == 11
-        assert report["skipped_rows"] == {"no_image_no_text": 1}
+        assert report["skipped_rows"] == {"no_input": 1}
         assert list(report["tasks"]["color"]["modality_weights"]) == [modality]
 
         predictor = Predictor.from_pretrained(tmp_path / "run", device="cpu")

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from conftest import assert_close
 
 from fusionkit.config import ModelConfig
+from fusionkit.data import write_manifest
 from fusionkit.errors import ConfigError, ShapeError
 from fusionkit.models import CMACLIP, build_model
 from fusionkit.training import Trainer, build_run_config
@@ -85,6 +90,9 @@ def test_the_shorthand_is_two_named_inputs(tiny_bert_dir):
          r"^inputs\.v\.share: 'u' shares an encoder itself"),
         ({"t": {"encoder": IMAGE}, "u": {"share": "t", "kind": "text"}},
          r"^inputs\.u\.kind: 't' is an image input"),
+        ({"id": {"encoder": IMAGE}}, r"^inputs\.id: 'id' is reserved"),
+        ({"t": {"encoder": IMAGE}, "u": {"share": "t", "column": "t"}},
+         r"^inputs\.u\.column: 't' is already read by 't'"),
     ],
 )
 def test_bad_inputs_name_the_key_path(inputs, message):
@@ -159,11 +167,94 @@ def test_named_inputs_save_and_load(model, tmp_path):
         assert_close(after.logits[task], before.logits[task])
 
 
-def test_training_named_inputs_from_a_manifest_is_refused_clearly(tiny_bert_dir, tmp_path):
-    config = build_run_config({**three_inputs(tiny_bert_dir),
-                               "data": {"train": str(tmp_path / "train.csv")}})
-    with pytest.raises(ConfigError, match=r"^inputs: the training data pipeline reads"):
-        Trainer(config, tmp_path / "run")
+def products(folder: Path, count: int = 16) -> dict[str, Path]:
+    """Train and val manifests with title, description, image and image_back columns: some
+    descriptions and some images missing, photos of two sizes."""
+    from PIL import Image
+
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(count):
+        color = ("red", "blue")[k % 2]
+        fill = (200, 20, 20) if color == "red" else (20, 20, 200)
+        front, back = f"images/{k}.png", f"images/{k}-back.png"
+        Image.new("RGB", (40, 30) if k % 3 else (24, 24), fill).save(folder / front)
+        Image.new("RGB", (32, 32), fill[::-1]).save(folder / back)
+        rows.append([f"p{k}", f"a {color} shirt", "" if k % 4 == 1 else f"soft {color} cotton",
+                     "" if k % 5 == 2 else front, back if k % 2 else "", color])
+    columns = ["id", "title", "description", "image", "image_back", "color"]
+    return {
+        split: write_manifest(folder / f"{split}.csv", columns, part)
+        for split, part in (("train", rows[: count * 3 // 4]), ("val", rows[count * 3 // 4 :]))
+    }
+
+
+def run_config(model: dict, manifests: dict[str, Path], cache: Path) -> dict:
+    return {
+        **model,
+        "data": {"train": str(manifests["train"]), "val": str(manifests["val"]),
+                 "tasks": ["color"], "image_size": 32, "batch_size": 4},
+        "train": {"epochs": 1, "lr": 3e-3, "device": "cpu", "warmup_ratio": 0.0,
+                  "cache_dir": str(cache)},
+    }
+
+
+def test_three_inputs_train_evaluate_and_predict_from_the_cli(tiny_bert_dir, tmp_path, capsys):
+    from fusionkit.cli import main
+
+    manifests = products(tmp_path / "data")
+    model = three_inputs(tiny_bert_dir)  # the title encoder fine-tuned, the image one cached
+    del model["tasks"]  # inferred from the manifest: every column no input reads
+    model["inputs"]["front"]["encoder"] = {**IMAGE, "freeze": True}
+    config = tmp_path / "three.yaml"
+    config.write_text(yaml.safe_dump(run_config(model, manifests, tmp_path / "cache"),
+                                     sort_keys=False))
+    run = tmp_path / "run"
+    assert main(["-q", "train", "--config", str(config), "--output", str(run)]) == 0
+    capsys.readouterr()
+    assert main(["-q", "evaluate", "--checkpoint", str(run), "--data", str(manifests["val"]),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["tasks"]["color"]["modality_weights"]) == {"title", "description",
+                                                                 "front"}
+    assert report["num_samples"] == 4
+
+    out = tmp_path / "val.csv"
+    assert main(["-q", "predict", "--checkpoint", str(run), "--manifest",
+                 str(manifests["val"]), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == f"predictions: {out}"
+    header = out.read_text().splitlines()[0].split(",")
+    assert header == ["id", "color", "color_title_weight", "color_description_weight",
+                      "color_front_weight"]
+    photo = manifests["val"].parent / "images" / "12.png"
+    assert main(["-q", "predict", "--checkpoint", str(run), "--json",
+                 "--input", "title=a red shirt", "--input", "description=soft red cotton",
+                 "--input", f"front={photo}"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["color"]["label"] in ("red", "blue")
+
+
+def test_two_images_and_a_text_train_from_a_manifest_with_cached_features(tiny_bert_dir,
+                                                                          tmp_path):
+    from fusionkit.training import evaluate_checkpoint
+
+    manifests = products(tmp_path / "data")
+    model = {
+        "inputs": {
+            "front": {"encoder": {**IMAGE, "freeze": True}, "column": "image"},
+            "back": {"share": "front", "column": "image_back"},
+            "title": {"encoder": text_encoder(tiny_bert_dir, freeze=True)},
+        },
+        "fusion": {"dim": 32, "sequence": {"name": "transformer", "heads": 2}},
+    }
+    config = build_run_config(run_config(model, manifests, tmp_path / "cache"))
+    result = Trainer(config, tmp_path / "run", progress=False).fit()
+    assert result.cache_stats.misses == 2 and result.cache_stats.hits == 0
+    again = Trainer(config, tmp_path / "again", progress=False).fit()
+    assert again.cache_stats.hits == 2
+    report = evaluate_checkpoint(tmp_path / "run", manifests["val"], device="cpu")
+    assert list(report["tasks"]["color"]["modality_weights"]) == ["front", "back", "title"]
+    assert report["num_samples"] == 4
 
 
 def test_a_frozen_shared_encoder_is_left_out_of_a_small_checkpoint(tiny_bert_dir, tmp_path):
@@ -217,3 +308,31 @@ def test_predict_named_inputs_from_python_and_the_cli(model, tmp_path, capsys):
     assert "no input 'side'" in capsys.readouterr().err
     with pytest.raises(Exception, match="give inputs="):
         predictor.predict(texts=["a red shirt"])
+
+
+def test_explain_a_pair_of_named_inputs(model, tmp_path, capsys):
+    from PIL import Image
+
+    from fusionkit.cli import main
+    from fusionkit.serving import explain
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (40, 30), (200, 30, 30)).save(photo)
+    folder = model.save_pretrained(tmp_path / "ckpt")
+    values = {"title": "a red shirt", "description": "soft striped cotton", "front": photo}
+    with pytest.raises(ConfigError, match=r"the text inputs \['title', 'description'\]: name "
+                                          r"one with text_input"):
+        explain(folder, inputs=values)
+    result = explain(folder, inputs=values, text_input="description")
+    assert result.heatmap.shape == result.grid and result.token in ("soft", "striped", "cotton")
+    assert set(result.modality_weights["color"]) == {"title", "description", "front"}
+    alone = explain(folder, inputs={"title": "a red shirt", "front": photo}, text_input="title")
+    assert alone.modality_weights["color"]["description"] == 0  # left out: missing
+    with pytest.raises(ConfigError, match=r"no image input 'back'"):
+        explain(folder, inputs=values, text_input="title", image_input="back")
+
+    out = tmp_path / "fig.png"
+    code = main(["-q", "explain", "--checkpoint", str(folder), "--input", "title=a red shirt",
+                 "--input", f"front={photo}", "--text-input", "title", "--out", str(out)])
+    assert code == 0 and out.is_file()
+    assert "weights: title=" in capsys.readouterr().out

@@ -112,7 +112,7 @@ BAD_TENSORS: list[tuple[str, dict, str]] = [
 _HEADER = "id,image,text,color\n"
 #: (name, manifest file name, content, on_error, DataError regex).
 BAD_MANIFESTS: list[tuple[str, str, str | bytes, str, str]] = [
-    ("no-text-column", "m.csv", "id,image,color\na,,red\n", "skip", r"no column 'text'"),
+    ("no-input-column", "m.csv", "id,color\na,red\n", "skip", r"no column 'image' or 'text'"),
     ("no-task-column", "m.csv", "id,image,text\na,,red tee\n", "skip", r"no task column 'color'"),
     ("unknown-label", "m.csv", _HEADER + "a,,red tee,mauve\n", "raise",
      r"label 'mauve' is not a known class; known classes: \['blue', 'red'\]"),
@@ -325,7 +325,7 @@ def test_manifest_skip_mode_counts_every_bad_row(tmp_path):
     path.write_text(_HEADER + "a,ok.png,red tee,red\nb,gone.png,blue tee,blue\n"
                     "c,,green tee,green\nd,,,red\ne,,plain tee,\n", encoding="utf-8")
     data = ManifestDataset(path, {"color": TaskSpec.from_classes(["blue", "red"])})
-    assert data.skipped == {"missing_image_file": 1, "unknown_label": 1, "no_image_no_text": 1}
+    assert data.skipped == {"missing_image_file": 1, "unknown_label": 1, "no_input": 1}
     assert [record.id for record in data.records] == ["a", "e"]
     assert data[1]["targets"] == {"color": None}
     with pytest.raises(ConfigError, match="task_names must be a sequence"):

@@ -255,8 +255,11 @@ def test_train_config_errors_name_the_key():
         parse_section(TrainConfig, {"modality_dropout": 1.5}, "train")
     with pytest.raises(ConfigError, match=r"train\.modality_swap: input should be greater"):
         parse_section(TrainConfig, {"modality_swap": -0.5}, "train")
-    with pytest.raises(ConfigError, match=r"train\.swap_modality"):
-        parse_section(TrainConfig, {"swap_modality": "audio"}, "train")
+    swapped = {"tasks": {"a": {"num_classes": 2}}, "data": {"train": "x.csv"},
+               "train": {"modality_swap": 0.5, "swap_modality": "txt"}}
+    with pytest.raises(ConfigError, match=r"^train\.swap_modality: the model has no input 'txt'; "
+                                          r"did you mean 'text'\? its inputs: text, image"):
+        Trainer(build_run_config(swapped), "out")
 
 
 def test_modality_dropout_hides_one_modality_in_training_only(catalogue, tiny_bert_dir, tmp_path,

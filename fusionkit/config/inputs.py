@@ -34,6 +34,8 @@ __all__ = ["ENCODER_KINDS", "InputConfig", "parse_inputs", "shorthand_inputs"]
 ENCODER_KINDS = {"image": "vision_encoder", "text": "text_encoder"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KEYS = ("encoder", "share", "column", "kind")
+#: Keys a sample holds beside its inputs' values.
+_RESERVED = ("id", "targets")
 
 
 @dataclass
@@ -100,17 +102,21 @@ def parse_inputs(section: Any, path: str = "inputs") -> dict[str, InputConfig]:
         Input name → `InputConfig`, in the order given.
 
     Raises:
-        ConfigError: Not a mapping, no input, a bad name, an unknown key, neither or both of
+        ConfigError: Not a mapping, no input, a bad or reserved name (``id``, ``targets``),
+            an unknown key, two inputs reading one column, neither or both of
             ``encoder`` and ``share``, a ``share`` of an unknown input or of an input that
             shares itself, or a bad encoder section; the message names the key path.
     """
     if not isinstance(section, Mapping) or not section:
         raise ConfigError(f"{path}: expected a mapping of input names to inputs, got {section!r}")
     raw: dict[str, Mapping[str, Any]] = {}
+    readers: dict[str, str] = {}
     for name, spec in section.items():
         where = f"{path}.{name}"
         if not isinstance(name, str) or not _NAME.match(name):
             raise ConfigError(f"{where}: an input name is a Python identifier, got {name!r}")
+        if name in _RESERVED:
+            raise ConfigError(f"{where}: {name!r} is reserved (a sample's {name}); rename it")
         if not isinstance(spec, Mapping):
             raise ConfigError(f"{where}: expected a mapping with encoder or share, got {spec!r}")
         for key in spec:
@@ -121,6 +127,9 @@ def parse_inputs(section: Any, path: str = "inputs") -> dict[str, InputConfig]:
         column = spec.get("column", name)
         if not isinstance(column, str) or not column:
             raise ConfigError(f"{where}.column: expected a column name, got {column!r}")
+        if column in readers:
+            raise ConfigError(f"{where}.column: {column!r} is already read by {readers[column]!r}")
+        readers[column] = name
         raw[name] = spec
     inputs: dict[str, InputConfig] = {}
     for name, spec in raw.items():

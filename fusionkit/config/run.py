@@ -108,7 +108,8 @@ class TrainConfig(Section):
             another sample of its batch, its labels kept (see
             :func:`~fusionkit.training.augment.swap_modalities`): training with misleading
             inputs; 0 disables it.
-        swap_modality: The modality ``modality_swap`` replaces: ``text`` or ``image``.
+        swap_modality: The input ``modality_swap`` replaces (``text`` or ``image`` with the
+            shorthand, an input name otherwise).
         cache_features: ``auto``: cache the tokens of every frozen encoder (trainable
             encoders run live on each batch); ``true`` requires at least one frozen encoder;
             ``false`` never caches.
@@ -143,7 +144,7 @@ class TrainConfig(Section):
     augment: bool = True
     modality_dropout: Fraction = 0.0
     modality_swap: Fraction = 0.0
-    swap_modality: Literal["text", "image"] = "text"
+    swap_modality: str = "text"
     cache_features: bool | Literal["auto"] = "auto"
     cache_dir: str | None = None
     cache_dtype: Literal["float16", "float32"] = "float16"

@@ -1,7 +1,7 @@
 """Data for fusionkit: the synthetic default catalogue, manifest data sets, transforms, collate.
 
 This layer imports nothing of ``fusionkit.models`` or ``fusionkit.training``; it only produces
-samples (``id``, ``image``, ``text``, ``targets``) and batches of them.
+samples (``id``, ``targets`` and a value per input name) and batches of them.
 
 Examples:
     >>> from fusionkit.data import ManifestDataset, generate_catalogue, infer_tasks, make_collate
@@ -15,7 +15,7 @@ Examples:
 from __future__ import annotations
 
 from fusionkit.data.collate import Batch, SampleCollator, collate_samples, make_collate
-from fusionkit.data.columns import MODALITY_COLUMNS
+from fusionkit.data.columns import MODALITY_COLUMNS, InputColumn
 from fusionkit.data.manifest import (
     ManifestDataset,
     ManifestRecord,
@@ -30,7 +30,12 @@ from fusionkit.data.synthetic import (
     SPLITS,
     generate_catalogue,
 )
-from fusionkit.data.transforms import build_image_transform, image_data_config, transform_key
+from fusionkit.data.transforms import (
+    build_image_transform,
+    image_data_config,
+    input_image_configs,
+    transform_key,
+)
 
 __all__ = [
     "CATALOGUE_TASKS",
@@ -39,6 +44,7 @@ __all__ = [
     "RESERVED_COLUMNS",
     "SPLITS",
     "Batch",
+    "InputColumn",
     "ManifestDataset",
     "ManifestRecord",
     "Sample",
@@ -49,6 +55,7 @@ __all__ = [
     "generate_catalogue",
     "image_data_config",
     "infer_tasks",
+    "input_image_configs",
     "make_collate",
     "open_image",
     "transform_key",

@@ -2,9 +2,10 @@
 
 A manifest is a CSV file or a JSON Lines file with one row per sample:
 
-- ``image``: path of the image file, absolute or relative to the manifest's folder; empty when
-  the sample has no image;
-- ``text``: the sample's text; empty when it has none;
+- one column per input of the model: ``image`` and ``text`` for the ``vision:`` / ``text:``
+  shorthand, or the ``column`` of each named input (``title``, ``description``, ``front``,
+  ...). An image cell is the path of an image file, absolute or relative to the manifest's
+  folder; a text cell is the text. An empty cell, or an absent column, is a missing input;
 - ``id`` (optional): a unique name of the sample;
 - one column per task: the class name, or several joined by ``|`` for a multi-label task; an
   empty cell is a missing label, ignored by the loss.
@@ -12,7 +13,7 @@ A manifest is a CSV file or a JSON Lines file with one row per sample:
 Rows are read and validated when the data set is built, so a bad file fails (or is reported)
 before training starts; image files are decoded lazily, one sample at a time. Problems with one
 row are skipped and logged or raised, as the caller chooses; problems with the file's structure
-(a missing column, a malformed line, duplicated ids) always raise :class:`DataError`.
+(a missing task column, a malformed line, duplicated ids) always raise :class:`DataError`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
-from fusionkit.data.columns import MODALITY_COLUMNS, check_modalities, require_columns
+from fusionkit.data.columns import MODALITY_COLUMNS, input_columns, require_columns
 from fusionkit.data.reading import LABEL_SEPARATOR, read_manifest, split_labels
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.tasks import TaskSpec
@@ -50,32 +51,45 @@ _LOG = logging.getLogger("fusionkit.data")
 _EXAMPLES = 3
 
 Target = int | list[int] | None
-#: One item of :class:`ManifestDataset`: ``id``, ``image``, ``text`` and ``targets``.
+#: PIL image → ``(3, H, W)`` float tensor.
+Transform = Callable[[Image.Image], torch.Tensor]
+#: One item of :class:`ManifestDataset`: ``id``, ``targets`` and one value per input, by name.
 Sample = dict[str, Any]
 
 
 @dataclass(frozen=True)
 class ManifestRecord:
-    """One validated row of a manifest (the image itself is read later).
+    """One validated row of a manifest (images themselves are read later).
 
     Args:
         id: The sample's unique name.
-        image_path: The resolved image path, or None when the row names no image.
-        text: The text, or None when the cell is empty.
+        values: Input name → the resolved image path or the text; None where the cell is empty
+            or the column absent.
         targets: Task name → class index (single-label), sorted class indices (multi-label), or
             None for a missing label.
         line: The line of the manifest where the row starts (1-based), for messages.
 
     Examples:
-        >>> ManifestRecord("a", None, "red shirt", {"color": 2}, line=2).text
+        >>> ManifestRecord("a", {"text": "red shirt"}, {"color": 2}, line=2).text
         'red shirt'
     """
 
     id: str
-    image_path: Path | None
-    text: str | None
+    values: dict[str, Path | str | None]
     targets: dict[str, Target]
     line: int
+
+    @property
+    def image_path(self) -> Path | None:
+        """The value of the input named ``image`` (the shorthand's), or None."""
+        value = self.values.get("image")
+        return value if isinstance(value, Path) else None
+
+    @property
+    def text(self) -> str | None:
+        """The value of the input named ``text`` (the shorthand's), or None."""
+        value = self.values.get("text")
+        return value if isinstance(value, str) else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,59 +170,63 @@ def write_manifest(
 
 
 class ManifestDataset(Dataset):
-    """Image+text samples with multi-task labels, listed in a CSV or JSONL manifest.
+    """Samples with inputs keyed by name and multi-task labels, listed in a CSV or JSONL manifest.
 
     Every row is validated at construction. Rows that cannot be used are skipped and counted in
     :attr:`skipped` (reason → count) with one warning on the ``fusionkit.data`` logger, or raise,
     depending on ``on_error``:
 
-    - ``missing_image_file``: the image cell names a file that does not exist;
+    - ``missing_image_file``: an image cell names a file that does not exist;
     - ``unknown_label``: a label is not among its task's classes;
-    - ``no_image_no_text``: every used modality's cell is empty (always skipped).
+    - ``no_input``: every input's cell is empty (always skipped).
 
-    Only the columns of the used ``modalities`` are required and read: a text-only model's
-    manifest needs no ``image`` column, and its image cells (if any) are neither checked nor
-    loaded, so every sample's ``image`` is None. An empty text cell makes the text missing
-    (``None``), an empty image cell the image; both are counted in :attr:`missing_modalities`.
-    An image that exists but cannot be decoded (corrupt, truncated, or over Pillow's
-    decompression-bomb limit) becomes a missing image when the sample is loaded:
-    :attr:`load_failures` counts such images (per process: each DataLoader worker has its own
-    copy) and each is logged once.
+    Only the columns of the read inputs are loaded: a text-only model's manifest needs no
+    ``image`` column, and its image cells (if any) are neither checked nor loaded. An empty
+    cell makes that input missing (``None``) for the sample, and so does an absent column for
+    every sample (with a warning); both are counted in :attr:`missing_inputs`. An image that
+    exists but cannot be decoded (corrupt, truncated, or over Pillow's decompression-bomb
+    limit) becomes a missing image when the sample is loaded: :attr:`load_failures` counts such
+    images (per process: each DataLoader worker has its own copy) and each is logged once.
 
     Args:
         path: The ``.csv``, ``.jsonl`` or ``.ndjson`` manifest, or a named source such as
             ``synthetic:train`` (see :func:`~fusionkit.data.sources.resolve_manifest`).
         tasks: Task name → :class:`TaskSpec`, e.g. from :func:`~fusionkit.data.infer_tasks` on
             the training split; every task needs a column of that name.
-        image_transform: Maps an RGB PIL image to a ``(3, H, W)`` float tensor; by default the
-            pixels scaled to ``[0, 1]``.
+        image_transform: Maps an RGB PIL image to a ``(3, H, W)`` float tensor, for every image
+            input, or a mapping input name → transform; by default the pixels scaled to
+            ``[0, 1]``.
         on_error: ``"skip"`` to skip and count bad rows, ``"raise"`` to raise on the first one.
-        modalities: The modality columns to read, a non-empty subset of ``("image", "text")``
-            (``model.modalities``); the others are neither required nor loaded.
+        modalities: The shorthand inputs to read, a non-empty subset of ``("image", "text")``
+            (each reads the column of its name); ignored when ``inputs`` is given.
+        inputs: Input name → its :class:`~fusionkit.data.columns.InputColumn` (or anything
+            with ``kind`` and ``column``, such as a model's ``config.inputs``).
 
     Raises:
-        DataError: The manifest cannot be read or lacks the column of a used modality or a
-            task; a line is malformed; two rows share an id; or, with ``on_error="raise"``, a
-            row names a missing image file or an unknown label.
-        ConfigError: ``on_error``, ``tasks`` or ``modalities`` is invalid.
+        DataError: The manifest cannot be read, lacks a task column or every input column; a
+            line is malformed; two rows share an id; or, with ``on_error="raise"``, a row names
+            a missing image file or an unknown label.
+        ConfigError: ``on_error``, ``tasks``, ``modalities`` or ``inputs`` is invalid.
 
     Examples:
         >>> data = ManifestDataset("train.csv", infer_tasks("train.csv"))  # doctest: +SKIP
         >>> sorted(data[0])  # doctest: +SKIP
         ['id', 'image', 'targets', 'text']
-        >>> texts = ManifestDataset("train.csv", tasks, modalities=("text",))  # doctest: +SKIP
-        >>> texts[0]["image"] is None  # doctest: +SKIP
-        True
+        >>> named = ManifestDataset("train.csv", tasks, inputs={  # doctest: +SKIP
+        ...     "title": InputColumn("text", "title"), "front": InputColumn("image", "image")})
+        >>> sorted(named[0])  # doctest: +SKIP
+        ['front', 'id', 'targets', 'title']
     """
 
     def __init__(
         self,
         path: str | Path,
         tasks: Mapping[str, TaskSpec],
-        image_transform: Callable[[Image.Image], torch.Tensor] | None = None,
+        image_transform: Transform | Mapping[str, Transform] | None = None,
         *,
         on_error: Literal["skip", "raise"] = "skip",
         modalities: Sequence[str] = MODALITY_COLUMNS,
+        inputs: Mapping[str, Any] | None = None,
     ) -> None:
         if on_error not in ("skip", "raise"):
             raise ConfigError(f"on_error must be 'skip' or 'raise', got {on_error!r}")
@@ -216,17 +234,22 @@ class ManifestDataset(Dataset):
             isinstance(spec, TaskSpec) for spec in tasks.values()
         ):
             raise ConfigError("tasks must map task names to TaskSpec objects")
-        self.modalities = check_modalities(modalities)
+        self.inputs = input_columns(inputs, modalities)
+        # The shorthand's samples keep both keys, None for an input not read.
+        self._sample_keys = tuple(
+            dict.fromkeys([*self.inputs, *(MODALITY_COLUMNS if inputs is None else ())])
+        )
         self.path, columns, rows = read_manifest(path)
-        require_columns(self.path, columns, self.modalities, tasks)
+        absent = require_columns(self.path, columns, self.inputs, tasks)
+        self._read = {n: spec for n, spec in self.inputs.items() if n not in absent}
 
         self.tasks: dict[str, TaskSpec] = dict(tasks)
         self.image_transform = image_transform
         self.on_error = on_error
         self.skipped: dict[str, int] = {}
-        self.missing_modalities: dict[str, int] = {"image": 0, "text": 0}
+        self.missing_inputs: dict[str, int] = dict.fromkeys(self._sample_keys, 0)
         self.load_failures = 0
-        self._unreadable: set[int] = set()
+        self._unreadable: set[tuple[int, str]] = set()
         self._class_index = {
             name: {label: k for k, label in enumerate(spec.class_names())}
             for name, spec in self.tasks.items()
@@ -239,6 +262,16 @@ class ManifestDataset(Dataset):
             if record is not None:
                 self.records.append(record)
         self._log_summary(len(rows))
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """The names of the inputs read, in order."""
+        return tuple(self.inputs)
+
+    @property
+    def missing_modalities(self) -> dict[str, int]:
+        """Alias of :attr:`missing_inputs`."""
+        return self.missing_inputs
 
     def _skip(self, reason: str, example: str, error: str | None) -> None:
         """Count a skipped row, or raise ``error`` with ``on_error="raise"`` (if one is given)."""
@@ -261,22 +294,28 @@ class ManifestDataset(Dataset):
             )
         seen_ids[sample_id] = line
 
-        image_cell = cells["image"].strip() if "image" in self.modalities else ""
-        image_path: Path | None = None
-        if image_cell:
+        values: dict[str, Path | str | None] = dict.fromkeys(self.inputs)
+        for name, spec in self._read.items():
+            cell = cells[spec.column].strip()
+            if not cell:
+                continue
+            if spec.kind == "text":
+                values[name] = cell
+                continue
             # Path("/abs") joined to the folder stays absolute, so both kinds work.
-            image_path = self.path.parent / image_cell
+            image_path = self.path.parent / cell
             if not _is_file(image_path):
                 self._skip(
                     "missing_image_file",
                     f"line {line}: {image_path}",
-                    f"{where}: image file {str(image_path)!r} does not exist",
+                    f"{where}, column {spec.column!r}: image file {str(image_path)!r} does "
+                    "not exist",
                 )
                 return None
-        text = (cells["text"].strip() if "text" in self.modalities else "") or None
-        if image_path is None and text is None:
+            values[name] = image_path
+        if all(value is None for value in values.values()):
             # Not an error: such a row has nothing to learn from, whatever on_error says.
-            self._skip("no_image_no_text", f"line {line}", None)
+            self._skip("no_input", f"line {line}", None)
             return None
 
         targets: dict[str, Target] = {}
@@ -304,10 +343,9 @@ class ManifestDataset(Dataset):
             else:
                 targets[name] = known[labels[0]]
 
-        for modality, value in (("image", image_path), ("text", text)):
-            if modality in self.modalities:
-                self.missing_modalities[modality] += int(value is None)
-        return ManifestRecord(sample_id, image_path, text, targets, line)
+        for name, value in values.items():
+            self.missing_inputs[name] += int(value is None)
+        return ManifestRecord(sample_id, values, targets, line)
 
     def _log_summary(self, total: int) -> None:
         if self.skipped:
@@ -319,13 +357,13 @@ class ManifestDataset(Dataset):
                 "%s: skipped %d of %d rows: %s",
                 self.path, sum(self.skipped.values()), total, details,
             )
-        if self.missing_modalities["text"] or self.missing_modalities["image"]:
-            _LOG.warning(
-                "%s: %d of %d samples have no text and %d no image; they are used with the "
-                "other modality alone",
-                self.path, self.missing_modalities["text"], len(self.records),
-                self.missing_modalities["image"],
+        missing = {n: c for n, c in self.missing_inputs.items() if c and n in self._read}
+        if missing and len(self.inputs) > 1:
+            counts = "; ".join(
+                f"{count} of {len(self.records)} samples have no {name}"
+                for name, count in missing.items()
             )
+            _LOG.warning("%s: %s; they are used with their other inputs", self.path, counts)
         if not self.records:
             _LOG.warning("%s: no usable sample", self.path)
 
@@ -340,8 +378,8 @@ class ManifestDataset(Dataset):
             index: Position of the sample, ``0 <= index < len(self)``.
 
         Returns:
-            ``{"id": str, "image": Tensor (3, H, W) | None, "text": str | None,
-            "targets": {task: int | list[int] | None}}``.
+            ``{"id": str, "targets": {task: int | list[int] | None}}`` and, per input name,
+            its value: a ``(3, H, W)`` tensor for an image, a string for a text, or None.
 
         Raises:
             IndexError: ``index`` is out of range.
@@ -350,30 +388,59 @@ class ManifestDataset(Dataset):
             >>> data[0]["targets"]  # doctest: +SKIP
             {'color': 3, 'pattern': [1, 4], 'category': None}
         """
-        record = self.records[index]
-        image = None
-        if record.image_path is not None:
-            image = self._load_image(index % len(self.records), record)
-        targets = {
+        sample = self.load(index, self._sample_keys)
+        sample["targets"] = {
             name: list(target) if isinstance(target, list) else target
-            for name, target in record.targets.items()
+            for name, target in self.records[index].targets.items()
         }
-        return {"id": record.id, "image": image, "text": record.text, "targets": targets}
+        return sample
 
-    def _load_image(self, index: int, record: ManifestRecord) -> torch.Tensor | None:
-        if index in self._unreadable:
+    def load(self, index: int, names: Sequence[str]) -> Sample:
+        """The ``id`` of one sample and the values of some of its inputs (no targets).
+
+        Only the images of ``names`` are decoded, so a caller that needs one input (say, a
+        feature cache of the texts) reads no image.
+
+        Args:
+            index: Position of the sample.
+            names: Input names; a name the data set does not read gives None.
+
+        Returns:
+            ``{"id": str, name: value, ...}``.
+
+        Raises:
+            IndexError: ``index`` is out of range.
+        """
+        record = self.records[index]
+        index = index % len(self.records)
+        sample: Sample = {"id": record.id}
+        for name in names:
+            value = record.values.get(name)
+            if isinstance(value, Path):
+                value = self._load_image(index, name, record)
+            sample[name] = value
+        return sample
+
+    def _transform(self, name: str) -> Transform | None:
+        if isinstance(self.image_transform, Mapping):
+            return self.image_transform.get(name)
+        return self.image_transform
+
+    def _load_image(self, index: int, name: str, record: ManifestRecord) -> torch.Tensor | None:
+        if (index, name) in self._unreadable:
             return None
         try:
-            picture = open_image(record.image_path)
+            picture = open_image(record.values[name])  # type: ignore[arg-type]
         except DataError as error:
-            self._unreadable.add(index)
+            self._unreadable.add((index, name))
             self.load_failures += 1
             _LOG.warning(
-                "%s, line %d: %s; sample %r is used without its image "
+                "%s, line %d: %s; sample %r is used without its %s "
                 "(%d load failure(s) so far)",
-                self.path, record.line, error, record.id, self.load_failures,
+                self.path, record.line, error, record.id, name, self.load_failures,
             )
             return None
-        if self.image_transform is not None:
-            return self.image_transform(picture)
+        transform = self._transform(name)
+        if transform is not None:
+            return transform(picture)
         return pil_to_tensor(picture).float() / 255

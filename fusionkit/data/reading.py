@@ -11,11 +11,11 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from fusionkit.data.columns import check_modalities, require_columns
+from fusionkit.data.columns import input_columns, require_columns
 from fusionkit.data.sources import resolve_manifest
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.tasks import TaskSpec
@@ -152,6 +152,7 @@ def check_manifest(
     *,
     modalities: Sequence[str] = ("image", "text"),
     tasks: Sequence[str] = (),
+    inputs: Mapping[str, Any] | None = None,
 ) -> Path:
     """Resolve a manifest and check it is readable and has the needed columns.
 
@@ -161,21 +162,25 @@ def check_manifest(
     Args:
         path: A manifest file or a named source (see
             :func:`~fusionkit.data.sources.resolve_manifest`).
-        modalities: The modality columns the model reads.
+        modalities: The shorthand inputs the model reads (``image`` and/or ``text``).
         tasks: The task columns.
+        inputs: Input name → anything with ``kind`` and ``column`` (a model's
+            ``config.inputs``), instead of ``modalities``.
 
     Returns:
         The resolved manifest path.
 
     Raises:
-        DataError: The file is missing, unreadable or malformed, or lacks a needed column.
+        DataError: The file is missing, unreadable or malformed, or lacks a task column or
+            every input column (one absent input column is a missing input, see
+            :func:`~fusionkit.data.columns.require_columns`).
 
     Examples:
         >>> check_manifest("synthetic:train", tasks=["color"]).name  # doctest: +SKIP
         'train.csv'
     """
     manifest, columns, _ = read_manifest(path)
-    require_columns(manifest, columns, check_modalities(modalities), tasks)
+    require_columns(manifest, columns, input_columns(inputs, modalities), tasks, warn=False)
     return manifest
 
 
@@ -203,14 +208,18 @@ def infer_tasks(
     manifest_path: str | Path,
     task_names: Sequence[str] | None = None,
     multi_label: Iterable[str] | None = None,
+    input_columns: Iterable[str] = (),
 ) -> dict[str, TaskSpec]:
     """Infer the tasks and their classes from a manifest (normally the training split).
 
     Args:
         manifest_path: A ``.csv``, ``.jsonl`` or ``.ndjson`` manifest, or a named source such
             as ``synthetic:train``.
-        task_names: The task columns; by default every column but ``image``, ``text`` and ``id``.
+        task_names: The task columns; by default every column but ``image``, ``text``, ``id``
+            and ``input_columns``.
         multi_label: Tasks to treat as multi-label even if no cell holds ``|``.
+        input_columns: More columns that are inputs, not tasks (those of a model's named
+            inputs).
 
     Returns:
         Task name → :class:`TaskSpec` with the class names found, sorted, in column order.
@@ -231,7 +240,8 @@ def infer_tasks(
     forced = set(_names(multi_label, "multi_label") or ())
     if named is None:
         # An unnamed column (a trailing comma in the header) cannot be a task.
-        named = [column for column in columns if column and column not in RESERVED_COLUMNS]
+        inputs = {*RESERVED_COLUMNS, *input_columns}
+        named = [column for column in columns if column and column not in inputs]
     else:
         absent = [name for name in named if name not in columns]
         if absent:
@@ -239,7 +249,7 @@ def infer_tasks(
     if not named:
         raise DataError(
             f"{path}: no task column; columns found: {columns} "
-            f"(every column but {list(RESERVED_COLUMNS)} is a task)"
+            f"(every column but {sorted({*RESERVED_COLUMNS, *input_columns})} is a task)"
         )
     unknown = sorted(forced - set(named))
     if unknown:

@@ -209,3 +209,24 @@ def transform_key(data_config: Mapping[str, Any], train: bool = False) -> str:
         f"{_KEY_VERSION}/{head}/{size}/{config.interpolation}/{tail}"
         f"/mean={_numbers(config.mean)}/std={_numbers(config.std)}"
     )
+
+
+def input_image_configs(model: Any) -> dict[str, dict[str, Any]]:
+    """The data config of each image input of a model, at the model's ``image_size``.
+
+    Args:
+        model: A :class:`~fusionkit.models.CMACLIP` (anything with ``inputs_of_kind``,
+            ``encoder_of`` and ``config.image_size``).
+
+    Returns:
+        Image input name → data config for :func:`build_image_transform`; empty for a model
+        without image inputs.
+
+    Examples:
+        >>> configs = input_image_configs(model)  # doctest: +SKIP
+        >>> {name: build_image_transform(c) for name, c in configs.items()}  # doctest: +SKIP
+    """
+    return {
+        name: image_data_config(model.encoder_of(name).data_config, model.config.image_size)
+        for name in model.inputs_of_kind("image")
+    }

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,8 +28,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from fusionkit.data import image_data_config
+from fusionkit.data import input_image_configs
 from fusionkit.errors import ConfigError, DataError, MissingDependencyError
+from fusionkit.fusion.inputs import check_records_attention
 from fusionkit.serving.predictor import Predictor
 
 __all__ = ["Explanation", "attention_map", "explain", "feature_grid"]
@@ -164,21 +166,6 @@ def _describe_outputs(model: Any, output: Any) -> tuple[dict, dict]:
     return predictions, weights
 
 
-def _load_image(image: str | os.PathLike[str] | Image.Image, transform: Any) -> Tensor:
-    if not isinstance(image, Image.Image):
-        try:
-            with Image.open(image) as raw:
-                image = raw.convert("RGB")
-        except (OSError, ValueError) as error:
-            raise DataError(f"cannot read image {image}: {error}") from None
-    return transform(image.convert("RGB"))
-
-
-def _data_config(model: Any) -> dict[str, Any]:
-    """The checkpoint's evaluation preprocessing (the one its predictor uses)."""
-    return image_data_config(model.vision.data_config, model.config.image_size)
-
-
 def _display_image(pixels: Tensor, data_config: dict[str, Any]) -> np.ndarray:
     """The model's input undone to ``[0, 1]`` RGB, so the map lines up with what it saw."""
     mean = torch.tensor(data_config.get("mean", (0.485, 0.456, 0.406)))[:, None, None]
@@ -226,16 +213,37 @@ def _plot(
     plt.close(figure)
 
 
+def _pick(model: Any, kind: str, chosen: str | None, argument: str) -> str:
+    """The input of ``kind`` to explain: ``chosen``, or the model's only one."""
+    names = model.inputs_of_kind(kind)
+    if chosen is not None:
+        if chosen not in names:
+            raise ConfigError(f"{argument}: the model has no {kind} input {chosen!r}; its {kind} "
+                              f"inputs are {names}")
+        return chosen
+    if len(names) != 1:
+        encoder = "vision" if kind == "image" else "text"
+        need = f"no {encoder} encoder" if not names else f"the {kind} inputs {names}"
+        raise ConfigError(
+            f"explain maps a text input's attention onto an image input; this model has "
+            f"{need}" + (f": name one with {argument}" if names else "")
+        )
+    return names[0]
+
+
 @torch.no_grad()
 def explain(
     checkpoint: str | os.PathLike[str] | Any,
-    image: str | os.PathLike[str] | Image.Image,
-    text: str,
+    image: str | os.PathLike[str] | Image.Image | None = None,
+    text: str | None = None,
     out: str | os.PathLike[str] | None = None,
     *,
     token: str | None = None,
     layers: Literal["last", "mean"] = "last",
     device: str = "cpu",
+    inputs: Mapping[str, Any] | None = None,
+    image_input: str | None = None,
+    text_input: str | None = None,
 ) -> Explanation:
     """Map the attention of one text token onto the image and draw it (the paper's Fig. 2).
 
@@ -243,35 +251,46 @@ def explain(
     plain ``math`` attention; they are averaged over heads and taken from the last fusion layer
     (``layers="last"``, the one whose output feeds the summaries) or averaged over layers.
 
+    A model with named inputs is explained for one pair of them: the words of ``text_input``
+    over the patches of ``image_input`` (each defaults to the model's only input of its kind).
+    Their values come from ``inputs`` (or from ``image`` / ``text``); the model's other inputs
+    take part in the prediction when ``inputs`` gives them, and are missing otherwise.
+
     Args:
         checkpoint: A run folder (its ``best/``), a checkpoint folder, or a loaded
             :class:`~fusionkit.serving.Predictor` (to explain many samples, loading once).
-        image: The image (path or PIL image).
-        text: The text.
+        image: The image (path or PIL image) of the model's one image input.
+        text: The text of its one text input.
         out: PNG to write (input and overlay side by side, predictions and modality weights
             in the caption); ``None`` writes nothing.
         token: The word to explain; by default the word (punctuation left out) with the most
             attention on the image patches.
         layers: ``"last"`` or ``"mean"`` (see above).
         device: ``auto``, ``cpu`` or ``cuda`` (ignored for a loaded predictor).
+        inputs: Input name → one value (a text, or an image path or PIL image), for a model
+            with named inputs.
+        image_input: The image input whose patches are mapped.
+        text_input: The text input whose words are explained.
 
     Returns:
         The :class:`Explanation`.
 
     Raises:
         MissingDependencyError: ``out`` is given and matplotlib is not installed.
-        ConfigError: The model lacks sequence-wise attention, a vision or a text encoder, or
-            ``token`` is not a word of ``text``.
-        DataError: The image cannot be read or the text is empty.
+        ConfigError: The model lacks sequence-wise attention (or one that records it), a
+            vision or a text encoder; it has several inputs of a kind and ``image_input`` /
+            ``text_input`` does not name one; or ``token`` is not a word of the text.
+        DataError: The image cannot be read, the text is empty, or an input is unknown.
         CheckpointError: The checkpoint cannot be loaded.
 
     Examples:
         >>> explain("runs/emoji", "images/1f600.png", "grinning face", "fig.png").token
         ... # doctest: +SKIP
         'grinning'
+        >>> explain("runs/shop", inputs={"title": "red tee", "front": "tee.png"},
+        ...         text_input="title").grid  # doctest: +SKIP
+        (7, 7)
     """
-    if not isinstance(text, str) or not text.strip():
-        raise DataError("explain needs a non-empty text")
     predictor = (
         checkpoint
         if isinstance(checkpoint, Predictor)
@@ -279,34 +298,47 @@ def explain(
     )
     model = predictor.model
     fusion = model.sequence_fusion
-    if fusion is None or model.vision is None or model.text is None:
+    if fusion is None:
         raise ConfigError(
-            "explain needs a model with sequence-wise attention and both a vision and a text "
-            "encoder (fusion.sequence, vision and text set)"
+            "explain needs a model with sequence-wise attention (fusion.sequence is null)"
         )
-    pixels = _load_image(image, predictor.image_transform)
-    inputs = model.text.tokenize([text])
-    ids = inputs["input_ids"][0].tolist()
-    mask = inputs["attention_mask"][0].bool().tolist()
-    output = model(
-        images=pixels[None].to(predictor.device),
-        text_inputs={key: value.to(predictor.device) for key, value in inputs.items()},
-        return_attention=True,
+    check_records_attention(fusion)
+    image_name = _pick(model, "image", image_input, "image_input")
+    text_name = _pick(model, "text", text_input, "text_input")
+    named = predictor._named(
+        None if image is None else [image], None if text is None else [text],
+        {name: [value] for name, value in (inputs or {}).items()},
     )
+    text = named.get(text_name, [None])[0]
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"explain needs a non-empty text for input {text_name!r}")
+    if named.get(image_name, [None])[0] is None:
+        raise DataError(f"explain needs an image for input {image_name!r}")
+    values, present = predictor._tensors(named, 0, 1)
+    text_encoder = model.encoder_of(text_name)
+    tokens = text_encoder.tokenize([text])
+    ids = tokens["input_ids"][0].tolist()
+    mask = tokens["attention_mask"][0].bool().tolist()
+    values[text_name] = {key: value.to(predictor.device) for key, value in tokens.items()}
+    output = model(inputs=values, present=present, return_attention=True)
 
-    if not output.attentions or not output.spans or not {"image", "text"} <= set(output.spans):
+    if not output.attentions or not output.spans or not {image_name, text_name} <= set(
+        output.spans
+    ):
         raise ConfigError(
             f"sequence fusion {type(fusion).__name__} returned no attention over one sequence "
             "of image and text tokens (attentions and spans), so there is nothing to draw"
         )
-    # A learned summary token sits before each modality's tokens; "first" reuses token 0.
+    pixels = values[image_name][0]
+    # A learned summary token sits before each input's tokens; "first" reuses token 0.
     skip = 1 if getattr(fusion, "summary_tokens", None) is not None else 0
-    image_start, image_end = output.spans["image"]
-    text_start = output.spans["text"][0] + skip
-    patches = range(image_start + skip + model.vision.num_prefix_tokens, image_end)
+    image_start, image_end = output.spans[image_name]
+    text_start = output.spans[text_name][0] + skip
+    prefix = model.encoder_of(image_name).num_prefix_tokens
+    patches = range(image_start + skip + prefix, image_end)
     grid = feature_grid(len(patches), pixels.shape[1], pixels.shape[2])
 
-    words = _words(model.text.tokenizer, ids, mask)
+    words = _words(text_encoder.tokenizer, ids, mask)
     if not words:
         raise DataError(f"the text {text!r} has no word token after tokenization")
     scores = {
@@ -335,7 +367,7 @@ def explain(
     result = Explanation(
         heatmap=heatmap,
         grid=grid,
-        image=_display_image(pixels, _data_config(model)),
+        image=_display_image(pixels, input_image_configs(model)[image_name]),
         token=chosen[0],
         token_scores=scores,
         predictions=predictions,

@@ -162,6 +162,27 @@ class Predictor:
             result[task] = entry
         return result
 
+    def _tensors(
+        self, named: dict[str, Sequence[Any]], start: int, stop: int
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """Model inputs for samples ``start:stop``: texts as lists (empty → None), images
+        transformed and stacked on the device with zeros and ``present`` flags where missing."""
+        values: dict[str, Any] = {}
+        present: dict[str, torch.Tensor] = {}
+        for name, column in named.items():
+            if self.model.config.inputs[name].kind == "text":
+                values[name] = [t if t else None for t in column[start:stop]]
+                continue
+            loaded = [self._image(image, name) for image in column[start:stop]]
+            shape = next((t.shape for t in loaded if t is not None), None)
+            if shape is None:
+                shape = self._image(Image.new("RGB", (8, 8)), name).shape
+            values[name] = torch.stack(
+                [t if t is not None else torch.zeros(shape) for t in loaded]
+            ).to(self.device)
+            present[name] = torch.tensor([t is not None for t in loaded]).to(self.device)
+        return values, present
+
     @torch.no_grad()
     def predict(
         self,
@@ -200,20 +221,7 @@ class Predictor:
         results: list[dict[str, Any]] = []
         for start in range(0, count, self.batch_size):
             stop = min(count, start + self.batch_size)
-            values: dict[str, Any] = {}
-            present: dict[str, torch.Tensor] = {}
-            for name, column in named.items():
-                if self.model.config.inputs[name].kind == "text":
-                    values[name] = [t if t else None for t in column[start:stop]]
-                    continue
-                loaded = [self._image(image, name) for image in column[start:stop]]
-                shape = next((t.shape for t in loaded if t is not None), None)
-                if shape is None:
-                    shape = self._image(Image.new("RGB", (8, 8)), name).shape
-                values[name] = torch.stack(
-                    [t if t is not None else torch.zeros(shape) for t in loaded]
-                ).to(self.device)
-                present[name] = torch.tensor([t is not None for t in loaded]).to(self.device)
+            values, present = self._tensors(named, start, stop)
             output = self.model(inputs=values, present=present)
             results.extend(self._describe(output, row) for row in range(stop - start))
         return results
@@ -227,8 +235,9 @@ class Predictor:
         modality weights; the JSONL holds the full :meth:`predict` output per sample.
 
         Args:
-            manifest: A ``.csv``/``.jsonl`` manifest with the columns of the model's
-                modalities (``image`` and/or ``text``; label columns are not needed).
+            manifest: A ``.csv``/``.jsonl`` manifest with the columns of the model's inputs
+                (``image`` and/or ``text`` for the shorthand, each named input's ``column``
+                otherwise; label columns are not needed).
             out: Output path ending in ``.csv`` or ``.jsonl``.
 
         Returns:
@@ -245,11 +254,10 @@ class Predictor:
         out = Path(out)
         if out.suffix not in (".csv", ".jsonl"):
             raise DataError(f"{out}: output must end in .csv or .jsonl")
-        dataset = ManifestDataset(manifest, {}, modalities=self.model.modalities)
+        dataset = ManifestDataset(manifest, {}, inputs=self.model.config.inputs)
         records = dataset.records
         predictions = self.predict(
-            images=[r.image_path for r in records] if self.model.vision is not None else None,
-            texts=[r.text for r in records] if self.model.text is not None else None,
+            inputs={name: [r.values[name] for r in records] for name in self.model.modalities}
         )
         rows = [{"id": r.id, **p} for r, p in zip(records, predictions, strict=True)]
         if out.suffix == ".jsonl":

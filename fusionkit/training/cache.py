@@ -1,17 +1,17 @@
 """Frozen-backbone feature cache: encode a data set once, train the fusion on stored tokens.
 
 A frozen encoder's token features for a given input never change, so the trainer stores its
-:meth:`~fusionkit.models.CMACLIP.forward_features` outputs (tokens and masks per modality) in a
-safetensors file and later epochs reuse them. When every encoder is frozen, only
+:meth:`~fusionkit.models.CMACLIP.forward_features` outputs (tokens and masks per input name)
+in a safetensors file and later epochs reuse them. When every encoder is frozen, only
 ``forward_head`` runs; when some are trainable (say, a fine-tuned text encoder beside a frozen
-image backbone), the frozen modalities come from the cache and the trainable ones run live on
-every batch (their raw inputs travel with the cached tokens in a :class:`FeatureBatch`).
+image backbone), the inputs of frozen encoders come from the cache and the others run live on
+every batch (their raw values travel with the cached tokens in a :class:`FeatureBatch`).
 
-The file is named by a hash of everything that determines the features: the cached encoders'
-config, the manifest path with its size and modification time, the sample ids kept, the image
-transform key and the storage dtype. Texts of different lengths are stored padded to the data
-set's longest text with their masks; :func:`collate_features` trims a batch to its own longest
-text.
+The file is named by a hash of everything that determines the features: the cached inputs'
+columns and encoder configs, the manifest path with its size and modification time, the sample
+ids kept, the image transform key and the storage dtype. Texts of different lengths are stored
+padded to the data set's longest text with their masks; :func:`collate_features` trims a batch
+to its own longest text.
 
 Training images are not augmented when the image features are cached: a cached feature is that
 of the evaluation transform.
@@ -23,7 +23,7 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger("fusionkit.training")
-_VERSION = "fusionkit-features-v2"
+_VERSION = "fusionkit-features-v3"
 
 
 def default_cache_dir() -> Path:
@@ -86,6 +86,11 @@ class CacheStats:
     encoded_batches: int = 0
 
 
+def _kinds(model: Any, names: Sequence[str]) -> dict[str, str]:
+    """Input name → ``"image"`` / ``"text"`` for some of a model's inputs."""
+    return {name: model.config.inputs[name].kind for name in names}
+
+
 def feature_cache_key(
     model: Any,
     dataset: ManifestDataset,
@@ -96,12 +101,11 @@ def feature_cache_key(
     """Hash of everything that determines a data set's cached features.
 
     Args:
-        model: The model (the ``config.vision`` / ``config.text`` sections of the cached
-            modalities are hashed).
+        model: The model (the cached inputs' columns and encoder configs are hashed).
         dataset: The manifest data set (path, size, mtime and kept sample ids are hashed).
-        transform_key: :func:`~fusionkit.data.transform_key` of the image transform.
+        transform_key: Key of the image transforms of the cached image inputs.
         dtype: Storage dtype.
-        modalities: The cached modalities (default: every modality of the model).
+        modalities: The cached input names (default: every input of the model).
 
     Returns:
         A 24-character hex digest.
@@ -110,13 +114,18 @@ def feature_cache_key(
         >>> key = feature_cache_key(model, dataset, "eval/...", torch.float16)  # doctest: +SKIP
     """
     stat = dataset.path.stat()
-    cached = set(model.modalities if modalities is None else modalities)
-    vision = model.config.vision if "image" in cached else None
-    text = model.config.text if "text" in cached else None
+    cached = list(model.modalities if modalities is None else modalities)
+    inputs = model.config.inputs
     parts = {
         "version": _VERSION,
-        "vision": None if vision is None else vision.to_dict(),
-        "text": None if text is None else text.to_dict(),
+        "inputs": {
+            name: {
+                "kind": inputs[name].kind,
+                "column": inputs[name].column,
+                "encoder": inputs[inputs[name].share or name].encoder.to_dict(),
+            }
+            for name in cached
+        },
         "manifest": str(dataset.path.resolve()),
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
@@ -134,12 +143,12 @@ class FeatureBatch:
 
     Attributes:
         ids: Sample ids.
-        tokens: Cached modality → ``(B, N, C)`` float32.
-        masks: Cached modality → ``(B, N)`` bool.
+        tokens: Cached input → ``(B, N, C)`` float32.
+        masks: Cached input → ``(B, N)`` bool.
         targets: Task → targets as in :class:`~fusionkit.data.Batch`.
-        live: The modalities whose (trainable) encoders run on every batch.
-        inputs: A :class:`~fusionkit.data.Batch` holding the raw inputs of the ``live``
-            modalities (None when every modality is cached).
+        live: The inputs whose (trainable) encoders run on every batch.
+        inputs: A :class:`~fusionkit.data.Batch` holding the raw values of the ``live``
+            inputs (None when every input is cached).
     """
 
     ids: list[str]
@@ -159,10 +168,10 @@ class CachedFeatures(Dataset):
 
     Args:
         dataset: The data set the features belong to (targets are read from its records;
-            the raw inputs of ``live`` modalities are loaded from it).
-        tokens: Cached modality → ``(N, L, C)``.
-        masks: Cached modality → ``(N, L)`` bool.
-        live: Modalities not in the cache, whose raw inputs each sample carries (an image
+            the raw values of ``live`` inputs are loaded from it).
+        tokens: Cached input → ``(N, L, C)``.
+        masks: Cached input → ``(N, L)`` bool.
+        live: Inputs not in the cache, whose raw values each sample carries (an image
             through the data set's transform, a text as it is).
 
     Examples:
@@ -188,17 +197,14 @@ class CachedFeatures(Dataset):
         return len(self.dataset.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """One sample: ``id``, cached ``tokens`` and ``masks`` per modality, ``targets``, and
-        the ``image`` / ``text`` of live modalities (None for cached ones)."""
+        """One sample: ``id``, cached ``tokens`` and ``masks`` per input, ``targets``, and
+        the value of each live input by name."""
         record = self.dataset.records[index]
-        image = self.dataset[index]["image"] if "image" in self.live else None
         return {
-            "id": record.id,
+            **self.dataset.load(index, self.live),
             "tokens": {m: t[index] for m, t in self.tokens.items()},
             "masks": {m: k[index] for m, k in self.masks.items()},
             "targets": dict(record.targets),
-            "image": image,
-            "text": record.text if "text" in self.live else None,
         }
 
 
@@ -207,18 +213,21 @@ class FeatureCollator:
 
     Args:
         tasks: The tasks to collate targets for.
-        live: Modalities whose raw inputs the samples carry.
-        image_shape: ``(3, H, W)`` of live images (for a batch without any image).
+        live: Input name → kind (``"image"`` / ``"text"``) of the inputs whose raw values the
+            samples carry; a sequence of names means the shorthand's (``image``, ``text``).
+        image_shape: ``(3, H, W)`` of live images, or input name → shape (for a batch
+            without any image of an input).
     """
 
     def __init__(
         self,
         tasks: dict[str, Any],
-        live: Sequence[str] = (),
-        image_shape: Sequence[int] | None = None,
+        live: Sequence[str] | Mapping[str, str] = (),
+        image_shape: Any = None,
     ) -> None:
-        self.targets = make_collate(tasks, image_shape)
-        self.live = tuple(live)
+        kinds = dict(live) if isinstance(live, Mapping) else {name: name for name in live}
+        self.targets = make_collate(tasks, image_shape, inputs=kinds)
+        self.live = tuple(kinds)
 
     def __call__(self, samples: Sequence[dict[str, Any]]) -> FeatureBatch:
         """Stack ``samples`` into a :class:`FeatureBatch`."""
@@ -232,9 +241,9 @@ def collate_features(
 
     Args:
         samples: Items of :class:`CachedFeatures`.
-        target_collate: A :func:`~fusionkit.data.make_collate` collator for the targets (and
-            the raw inputs of live modalities).
-        live: Modalities whose raw inputs the samples carry.
+        target_collate: A :func:`~fusionkit.data.make_collate` collator for the targets and
+            the raw values of the live inputs.
+        live: Inputs whose raw values the samples carry.
 
     Returns:
         The batch, tokens as float32.
@@ -251,10 +260,7 @@ def collate_features(
         masks[modality] = mask[:, :length]
         tokens[modality] = torch.stack([s["tokens"][modality][:length] for s in samples]).float()
     batch = target_collate(
-        [
-            {"id": s["id"], "image": s.get("image"), "text": s.get("text"), "targets": s["targets"]}
-            for s in samples
-        ]
+        [{k: v for k, v in s.items() if k not in ("tokens", "masks")} for s in samples]
     )
     live = tuple(live)
     return FeatureBatch(
@@ -281,7 +287,7 @@ def encode_dataset(
     transform_key: str,
     *,
     batch_size: int = 64,
-    image_shape: Sequence[int] | None = None,
+    image_shape: Any = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float16,
     stats: CacheStats | None = None,
@@ -291,17 +297,17 @@ def encode_dataset(
 
     Args:
         model: A model with ``forward_features`` whose encoders of ``modalities`` are frozen.
-        dataset: The data set, with the evaluation image transform when images are cached.
+        dataset: The data set, with the evaluation image transforms when images are cached.
         cache_dir: The cache folder.
-        transform_key: Key of the data set's image transform.
+        transform_key: Key of the cached image inputs' transforms.
         batch_size: Encoding batch size.
-        image_shape: ``(3, H, W)`` of the transformed images (a batch without any image
-            then still has an image tensor).
+        image_shape: ``(3, H, W)`` of the transformed images, or input name → shape (a batch
+            without any image of an input then still has an image tensor).
         device: Device to encode on.
         dtype: Storage dtype (``float16`` halves the disk and memory footprint).
         stats: Counters to update.
-        modalities: The modalities to cache (default: every modality of the model); the
-            others are left live: each sample carries their raw inputs.
+        modalities: The input names to cache (default: every input of the model); the
+            others are left live: each sample carries their raw values.
 
     Returns:
         The features (float tensors in ``dtype``, on the CPU).
@@ -336,14 +342,13 @@ def encode_dataset(
     stats.misses += 1
     was_training = model.training
     model.eval()
-    # Only the cached modalities' inputs are loaded (no image decoding for a text cache).
-    source = dataset if "image" in cached else _TextsOnly(dataset)
+    # Only the cached inputs are loaded (no image decoding for a text cache).
     # An own generator keeps the loader from drawing a seed from the global RNG: a run that
     # fills the cache and one that reads it then train with the same dropout stream.
     loader = DataLoader(
-        source,
+        _Only(dataset, cached),
         batch_size=batch_size,
-        collate_fn=make_collate(dataset.tasks, image_shape),
+        collate_fn=make_collate({}, image_shape, inputs=_kinds(model, cached)),
         generator=torch.Generator(),
     )
     chunks: dict[str, list[Tensor]] = {}
@@ -370,45 +375,49 @@ def encode_dataset(
     return CachedFeatures(dataset, tokens_out, masks_out, live)
 
 
-class _TextsOnly(Dataset):
-    """A manifest data set's samples without their images (nothing is decoded)."""
+class _Only(Dataset):
+    """A manifest data set's samples with the values of some inputs only (no targets)."""
 
-    def __init__(self, dataset: ManifestDataset) -> None:
+    def __init__(self, dataset: ManifestDataset, names: Sequence[str]) -> None:
         self.dataset = dataset
+        self.names = tuple(names)
 
     def __len__(self) -> int:
         return len(self.dataset.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        record = self.dataset.records[index]
-        return {"id": record.id, "image": None, "text": record.text,
-                "targets": dict(record.targets)}
+        return self.dataset.load(index, self.names)
 
 
 def feature_inputs(
     model: Any, batch: Any, modalities: Sequence[str] | None = None
 ) -> dict[str, Any]:
-    """``forward_features`` arguments for a data batch, for the modalities the model uses.
+    """``forward_features`` arguments for a data batch: its inputs by name, with the
+    ``present`` flags of the image inputs (a missing image is a zero placeholder).
 
     Args:
         model: A :class:`~fusionkit.models.CMACLIP`.
         batch: A :class:`~fusionkit.data.Batch`.
-        modalities: Restrict the arguments to these modalities (default: the model's).
+        modalities: Restrict the arguments to these input names (default: the model's).
 
     Returns:
-        ``images``/``present`` and/or ``texts`` keyword arguments.
+        ``{"inputs": {name: value}, "present": {name: flags}}``; an image input whose every
+        image is missing from the batch (and that has no placeholder) is left out.
 
     Examples:
         >>> tokens, masks = model.forward_features(**feature_inputs(model, batch))  # doctest: +SKIP
     """
     wanted = model.modalities if modalities is None else modalities
-    inputs: dict[str, Any] = {}
-    if "image" in model.modalities and "image" in wanted:
-        inputs["images"] = batch.images
-        inputs["present"] = {"image": batch.image_present}
-    if "text" in model.modalities and "text" in wanted:
-        inputs["texts"] = batch.texts
-    return inputs
+    values: dict[str, Any] = {}
+    present: dict[str, Tensor] = {}
+    for name in model.modalities:
+        value = batch.inputs.get(name)
+        if name not in wanted or value is None:
+            continue
+        values[name] = value
+        if isinstance(value, Tensor):
+            present[name] = batch.present[name]
+    return {"inputs": values, "present": present}
 
 
 def batch_tokens(

@@ -20,7 +20,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from fusionkit.config import DataConfig
-from fusionkit.data import ManifestDataset, build_image_transform, image_data_config, make_collate
+from fusionkit.data import ManifestDataset, build_image_transform, input_image_configs, make_collate
 from fusionkit.device import resolve_device
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.io import read_yaml, write_json
@@ -383,20 +383,18 @@ def evaluate_checkpoint(
     manifest = data if data is not None else (data_cfg.test or data_cfg.val)
     if manifest is None:
         raise ConfigError("no data to evaluate on: pass --data or set data.test in the config")
-    transform, image_shape = None, None
-    if model.vision is not None:
-        config = image_data_config(model.vision.data_config, model.config.image_size)
-        transform = build_image_transform(config)
-        image_shape = tuple(config["input_size"])
+    image_configs = input_image_configs(model)
+    transforms = {name: build_image_transform(c) for name, c in image_configs.items()}
+    image_shape = {name: tuple(c["input_size"]) for name, c in image_configs.items()}
     dataset = ManifestDataset(
-        manifest, model.tasks, transform, on_error=data_cfg.on_error, modalities=model.modalities
+        manifest, model.tasks, transforms, on_error=data_cfg.on_error, inputs=model.config.inputs
     )
     if len(dataset) == 0:
         raise DataError(f"{manifest}: no usable sample to evaluate (skipped: {dataset.skipped})")
     loader = DataLoader(
         dataset,
         batch_size=batch_size or data_cfg.eval_batch_size,
-        collate_fn=make_collate(model.tasks, image_shape),
+        collate_fn=make_collate(model.tasks, image_shape, inputs=model.config.inputs),
         num_workers=data_cfg.num_workers,
     )
     outputs = collect_outputs(model, loader, dev)

@@ -45,7 +45,7 @@ from torch import nn
 from fusionkit.config import RunConfig
 from fusionkit.data import check_manifest
 from fusionkit.device import autocast, resolve_device, resolve_precision
-from fusionkit.errors import ConfigError, TrainingError
+from fusionkit.errors import ConfigError, TrainingError, did_you_mean
 from fusionkit.io import atomic_write_text, write_json, write_yaml
 from fusionkit.models import build_model
 from fusionkit.runs import (
@@ -187,19 +187,18 @@ class Trainer:
         self.data, self.train_config = config.data, config.train
         if self.data.train is None:
             raise ConfigError("data.train: missing; give a manifest (--train)")
-        if not config.model.shorthand:
+        swap = self.train_config.swap_modality
+        if self.train_config.modality_swap and swap not in config.model.inputs:
             raise ConfigError(
-                f"inputs: the training data pipeline reads the image and text columns of the "
-                f"vision/text shorthand only; a model with the named inputs "
-                f"{list(config.model.inputs)} builds, runs, saves and loads from Python, but "
-                "cannot be trained from a manifest yet"
+                f"train.swap_modality: the model has no input {swap!r}; "
+                + did_you_mean(swap, config.model.inputs, what="its inputs")
             )
         self.device = resolve_device(self.train_config.device)
         self.autocast_dtype = resolve_precision(self.train_config.precision, self.device)
         for manifest in (self.data.train, self.data.val):
             # Checked before any backbone loads: a wrong path fails at once, not minutes later.
             if manifest is not None:
-                check_manifest(manifest, modalities=config.modalities, tasks=list(config.tasks))
+                check_manifest(manifest, inputs=config.model.inputs, tasks=list(config.tasks))
         self.ctx = DistContext(0, 1, 0, self.device)
         self.cache_stats: CacheStats | None = None
         self.model: Any = None

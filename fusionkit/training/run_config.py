@@ -7,6 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from fusionkit.config import DataConfig, RunConfig, TrainConfig
+from fusionkit.config.inputs import parse_inputs
 from fusionkit.data import infer_tasks
 from fusionkit.errors import ConfigError
 from fusionkit.io import read_yaml
@@ -78,7 +79,9 @@ def build_run_config(
     if "tasks" not in raw:
         if data_cfg.train is None:
             raise ConfigError("tasks: missing, and no data.train (--train) to infer them from")
-        inferred = infer_tasks(data_cfg.train, data_cfg.tasks, data_cfg.multi_label or None)
+        inputs = parse_inputs(raw["inputs"], "inputs") if raw.get("inputs") is not None else {}
+        inferred = infer_tasks(data_cfg.train, data_cfg.tasks, data_cfg.multi_label or None,
+                               input_columns=[spec.column for spec in inputs.values()])
         raw["tasks"] = {name: spec.to_dict() for name, spec in inferred.items()}
     return RunConfig.from_dict(raw)
 

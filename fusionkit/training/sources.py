@@ -15,7 +15,7 @@ from fusionkit.config import DataConfig, TrainConfig
 from fusionkit.data import (
     ManifestDataset,
     build_image_transform,
-    image_data_config,
+    input_image_configs,
     make_collate,
     transform_key,
 )
@@ -63,9 +63,10 @@ def build_sources(
 ) -> Sources:
     """Read the manifests of ``data`` for ``model``; frozen encoders' features come cached.
 
-    With ``train.cache_features`` ``auto`` (or true) every frozen modality is encoded once
-    into the feature cache (local rank 0 encodes, the node's other ranks load) and the
-    trainable ones are encoded live at each step.
+    With ``train.cache_features`` ``auto`` (or true) every input of a frozen encoder is
+    encoded once into the feature cache (local rank 0 encodes, the node's other ranks load)
+    and the others are encoded live at each step. Each image input gets its encoder's
+    transform; training images are augmented unless their features are cached.
 
     Args:
         model: The model being trained.
@@ -88,18 +89,17 @@ def build_sources(
         )
     cached = frozen if cfg.cache_features is not False else []
     live = [m for m in model.modalities if m not in cached]
-    image_config = image_shape = None
-    eval_transform = train_transform = None
-    if model.vision is not None:
-        image_config = image_data_config(model.vision.data_config, data.image_size)
-        image_shape = tuple(image_config["input_size"])
-        eval_transform = build_image_transform(image_config, train=False)
-        augment = cfg.augment and "image" not in cached
-        train_transform = build_image_transform(image_config, train=augment)
-        if "image" in cached and cfg.augment:
-            _LOG.info("image features cached: training images are not augmented")
+    image_configs = input_image_configs(model)
+    image_shape = {name: tuple(config["input_size"]) for name, config in image_configs.items()}
+    eval_transform = {n: build_image_transform(c, train=False) for n, c in image_configs.items()}
+    train_transform = {
+        n: build_image_transform(c, train=cfg.augment and n not in cached)
+        for n, c in image_configs.items()
+    }
+    if cfg.augment and any(name in cached for name in image_configs):
+        _LOG.info("image features cached: training images are not augmented")
     tasks = model.tasks
-    read = {"on_error": data.on_error, "modalities": model.modalities}
+    read = {"on_error": data.on_error, "inputs": model.config.inputs}
     train_set = ManifestDataset(data.train, tasks, train_transform, **read)
     splits = {"train": train_set}
     if data.val is not None:
@@ -111,12 +111,16 @@ def build_sources(
             raise DataError(f"data.{name}: {dataset.path} has no usable sample")
     val_set = splits.get("val")
     if not cached:
-        return Sources(train_set, val_set, make_collate(tasks, image_shape), train_set)
+        collate = make_collate(tasks, image_shape, inputs=model.config.inputs)
+        return Sources(train_set, val_set, collate, train_set)
     if live:
         _LOG.info("feature cache: %s cached, %s encoded live", ", ".join(cached),
                   ", ".join(live))
     stats = CacheStats()
-    key = transform_key(image_config, train=False) if "image" in cached else "text-only"
+    key = ";".join(
+        f"{name}={transform_key(config)}"
+        for name, config in image_configs.items() if name in cached
+    ) or "no-images"
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     dtype = getattr(torch, cfg.cache_dtype)
     # Local rank 0 encodes and stores; the node's other ranks then load the stored file.
@@ -137,7 +141,9 @@ def build_sources(
             for dataset in splits.values()
         ]
     val = features[1] if val_set is not None else None
-    collate = FeatureCollator(tasks, live, image_shape)
+    collate = FeatureCollator(
+        tasks, {name: model.config.inputs[name].kind for name in live}, image_shape
+    )
     return Sources(features[0], val, collate, train_set, stats)
 
 
