@@ -43,9 +43,8 @@ import torch
 from torch import nn
 
 from fusionkit.config import RunConfig
-from fusionkit.data import check_manifest
 from fusionkit.device import autocast, resolve_device, resolve_precision
-from fusionkit.errors import ConfigError, TrainingError, did_you_mean
+from fusionkit.errors import TrainingError
 from fusionkit.io import atomic_write_text, write_json, write_yaml
 from fusionkit.models import build_model
 from fusionkit.runs import (
@@ -70,14 +69,14 @@ from fusionkit.training.distributed import (
     shutdown,
 )
 from fusionkit.training.optim import build_optimizer, build_scheduler
-from fusionkit.training.run_config import build_run_config
+from fusionkit.training.run_config import build_run_config, check_run_config
 from fusionkit.training.sources import (
     Sources,
     balanced_class_weights,
     build_sources,
     epoch_batches,
 )
-from fusionkit.training.state import restore_rng_state, rng_state, seed_everything
+from fusionkit.training.state import fresh_state, restore_rng_state, rng_state, seed_everything
 from fusionkit.training.step import training_module
 from fusionkit.training.validation import gather_outputs, validation_report
 
@@ -128,20 +127,6 @@ class _Run:
     steps_per_epoch: int
 
 
-def _fresh_state() -> dict[str, Any]:
-    return {
-        "epoch": 0,
-        "batch_in_epoch": 0,
-        "step": 0,
-        "epoch_loss_sum": 0.0,
-        "epoch_seconds": 0.0,
-        "best_score": None,
-        "best_epoch": 0,
-        "stopped_early": False,
-        "history": [],
-    }
-
-
 def _heads(model: Any) -> list[Any]:
     """Every classification head of ``model``: the fused one and any unimodal ones."""
     unimodal = getattr(model, "unimodal", None)
@@ -162,10 +147,10 @@ class Trainer:
         progress: Show tqdm progress bars (rank 0 only).
 
     Raises:
-        ConfigError: Invalid ``data``/``train`` sections, a missing ``data.train`` or
-            ``train.precision: fp16`` without CUDA.
-        DataError: ``data.train`` or ``data.val`` is missing, unreadable or lacks a column the
-            model needs (checked here, before the model is built).
+        ConfigError: Invalid ``data``/``train`` sections or ``train.precision: fp16`` without
+            CUDA; the checks of :func:`~fusionkit.training.run_config.check_run_config`.
+        DataError: ``data.train`` or ``data.val`` is missing, unreadable or lacks the columns
+            the model needs (checked here, before the model is built).
 
     Examples:
         >>> result = Trainer(build_run_config("configs/quickstart.yaml"), "runs/q").fit()
@@ -185,20 +170,9 @@ class Trainer:
         self.resume = resume
         self.progress = progress
         self.data, self.train_config = config.data, config.train
-        if self.data.train is None:
-            raise ConfigError("data.train: missing; give a manifest (--train)")
-        swap = self.train_config.swap_modality
-        if self.train_config.modality_swap and swap not in config.model.inputs:
-            raise ConfigError(
-                f"train.swap_modality: the model has no input {swap!r}; "
-                + did_you_mean(swap, config.model.inputs, what="its inputs")
-            )
+        check_run_config(config)
         self.device = resolve_device(self.train_config.device)
         self.autocast_dtype = resolve_precision(self.train_config.precision, self.device)
-        for manifest in (self.data.train, self.data.val):
-            # Checked before any backbone loads: a wrong path fails at once, not minutes later.
-            if manifest is not None:
-                check_manifest(manifest, inputs=config.model.inputs, tasks=list(config.tasks))
         self.ctx = DistContext(0, 1, 0, self.device)
         self.cache_stats: CacheStats | None = None
         self.model: Any = None
@@ -387,7 +361,7 @@ class Trainer:
         scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.autocast_dtype == torch.float16
         )
-        state = _fresh_state()
+        state = fresh_state()
         # Every rank reads the same checkpoint (a shared folder on several nodes).
         checkpoint = find_checkpoint(self.output_dir / LAST) if self.resume else None
         if checkpoint is not None:
@@ -402,7 +376,7 @@ class Trainer:
                       state["step"])
         elif self.resume:
             _LOG.warning("--resume: no checkpoint in %s; starting from scratch", self.output_dir)
-        for key, value in _fresh_state().items():  # checkpoints of older versions lack some
+        for key, value in fresh_state().items():  # checkpoints of older versions lack some
             state.setdefault(key, value)
         step_module = training_module(
             model, sources, self.ctx, self.device, self.train_config, self.data.batch_size,

@@ -1,4 +1,5 @@
-"""The run config a training reads: a config file or mapping, a preset and command-line values."""
+"""The run config a training reads: a config file or mapping, a preset and command-line values;
+and the checks it must pass before any model loads."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from typing import Any
 
 from fusionkit.config import DataConfig, RunConfig, TrainConfig
 from fusionkit.config.inputs import parse_inputs
-from fusionkit.data import infer_tasks
-from fusionkit.errors import ConfigError
+from fusionkit.data import check_manifest, infer_tasks
+from fusionkit.errors import ConfigError, did_you_mean
 from fusionkit.io import read_yaml
 from fusionkit.training.presets import DEFAULT_PRESET, apply_preset
 
-__all__ = ["build_run_config"]
+__all__ = ["build_run_config", "check_run_config"]
 
 
 def build_run_config(
@@ -85,3 +86,34 @@ def build_run_config(
         raw["tasks"] = {name: spec.to_dict() for name, spec in inferred.items()}
     return RunConfig.from_dict(raw)
 
+
+
+def check_run_config(config: RunConfig) -> None:
+    """What a training needs that the sections cannot check alone, checked in a second.
+
+    Runs before any backbone loads, so a wrong path or name fails at once, not minutes later.
+
+    Args:
+        config: The run config.
+
+    Raises:
+        ConfigError: No ``data.train``, or ``train.swap_modality`` names no input of the model
+            while ``train.modality_swap`` is on.
+        DataError: A manifest of ``data.train`` / ``data.val`` is missing, unreadable, or
+            lacks a task column or every input column.
+
+    Examples:
+        >>> check_run_config(build_run_config(train="train.csv"))  # doctest: +SKIP
+    """
+    data, train = config.data, config.train
+    if data.train is None:
+        raise ConfigError("data.train: missing; give a manifest (--train)")
+    inputs = config.model.inputs
+    if train.modality_swap and train.swap_modality not in inputs:
+        raise ConfigError(
+            f"train.swap_modality: the model has no input {train.swap_modality!r}; "
+            + did_you_mean(train.swap_modality, inputs, what="its inputs")
+        )
+    for manifest in (data.train, data.val):
+        if manifest is not None:
+            check_manifest(manifest, inputs=inputs, tasks=list(config.tasks))

@@ -1,4 +1,5 @@
-"""Random state for exact resume: seeding, and the RNG states a checkpoint keeps."""
+"""The state a run resumes from: the trainer's counters, seeding, and the RNG states a
+checkpoint keeps."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 import torch
 
 __all__ = [
+    "fresh_state",
     "restore_rng_state",
     "rng_state",
     "seed_everything",
@@ -19,6 +21,21 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger("fusionkit.training")
+
+
+def fresh_state() -> dict[str, Any]:
+    """The trainer's counters at the start of a run (saved in ``last/`` and resumed from)."""
+    return {
+        "epoch": 0,
+        "batch_in_epoch": 0,
+        "step": 0,
+        "epoch_loss_sum": 0.0,
+        "epoch_seconds": 0.0,
+        "best_score": None,
+        "best_epoch": 0,
+        "stopped_early": False,
+        "history": [],
+    }
 
 
 def seed_everything(seed: int) -> None:
