@@ -378,12 +378,13 @@ def memory_section(rows: Sequence[Row], charts: dict[str, str]) -> str:
 
 METHOD = """## Method
 
-- Cases come from `benchmarks/cases.py` (products of shapes × dtypes × masks × implementations
-  × modes, as in xformers' `benchmarks/`); timing is pytest-benchmark's (`pedantic`, rounds
-  sized to a per-case time budget, warm-up calls before timing); the median is reported.
+- Cases come from `benchmarks/cases.py` and its grids (products of shapes × dtypes × masks
+  × implementations × modes, as in xformers' `benchmarks/`); timing is pytest-benchmark's
+  (`pedantic`, rounds sized to a per-case time budget, warm-up calls before timing); the
+  median is reported.
 - `fwd`: inference (`eval()`, `torch.inference_mode()`); `fwd+bwd`: a training step's forward
   and backward (train mode, dropout 0), gradients reset before each call.
-- FLOPs come from closed formulas (`benchmarks/cases.py`): 2 per multiply-add of every
+- FLOPs come from closed formulas (`benchmarks/grid.py`): 2 per multiply-add of every
   matmul; elementwise work, softmax and norms are not counted; the backward is 2× the forward
   (recomputation inside fused kernels is not counted). Full-model cases are counted once with
   `torch.utils.flop_counter` instead. The matmul ceiling is measured in the same run.
