@@ -113,3 +113,33 @@ def test_explain_works_or_says_why_for_every_sequence_fusion(
         assert code == 2
         return
     assert result.heatmap.shape == result.grid
+
+
+class _Pieces:
+    """A tokenizer stand-in: id → piece, ids 0 and 9 special."""
+
+    all_special_ids = (0, 9)
+
+    def __init__(self, pieces):
+        self.pieces = pieces
+
+    def convert_ids_to_tokens(self, token_id):
+        return self.pieces[token_id]
+
+
+@pytest.mark.parametrize(
+    "pieces",
+    [
+        ["[CLS]", "red", "stri", "##ped", "shirt", "[SEP]"],  # WordPiece (BERT)
+        ["<sot>", "red</w>", "stri", "ped</w>", "shirt</w>", "<eot>"],  # end-marked BPE (CLIP)
+        ["<s>", "▁red", "▁stri", "ped", "▁shirt", "</s>"],  # SentencePiece (SigLIP, T5)
+    ],
+    ids=["wordpiece", "clip-bpe", "sentencepiece"],
+)
+def test_words_merge_the_pieces_of_every_subword_scheme(pieces):
+    from fusionkit.serving.explain import _words
+
+    ids = [0, 1, 2, 3, 4, 9]
+    tokenizer = _Pieces(dict(zip(ids, pieces, strict=True)))
+    words = _words(tokenizer, ids, [True] * 5 + [False])
+    assert words == [("red", [1]), ("striped", [2, 3]), ("shirt", [4])]

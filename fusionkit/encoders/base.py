@@ -25,15 +25,39 @@ class EncoderOutput:
         tokens: Float tensor of shape ``(B, N, C)``.
         mask: Bool tensor of shape ``(B, N)``; ``True`` marks a real token, ``False`` padding
             (or every position of a sample whose input is missing).
+        summary: Long tensor ``(B,)``: the position of each sample's summary token, the one
+            the backbone itself pools (a ViT's class token, CLIP's end-of-text token); None
+            when the backbone has none (CNNs, BERT-style encoders mark nothing).
 
     Examples:
         >>> out = EncoderOutput(torch.zeros(2, 5, 8), torch.ones(2, 5, dtype=torch.bool))
-        >>> out.tokens.shape
-        torch.Size([2, 5, 8])
+        >>> out.tokens.shape, out.summary
+        (torch.Size([2, 5, 8]), None)
     """
 
     tokens: Tensor
     mask: Tensor
+    summary: Tensor | None = None
+
+    def summary_tokens(self) -> Tensor:
+        """The summary token of every sample, ``(B, C)``.
+
+        Returns:
+            ``tokens[b, summary[b]]`` for each sample ``b``.
+
+        Raises:
+            ShapeError: The encoder marks no summary token.
+
+        Examples:
+            >>> out = EncoderOutput(torch.arange(6.0).view(1, 3, 2),
+            ...                     torch.ones(1, 3, dtype=torch.bool), torch.tensor([2]))
+            >>> out.summary_tokens()
+            tensor([[4., 5.]])
+        """
+        if self.summary is None:
+            raise ShapeError("this encoder marks no summary token (EncoderOutput.summary)")
+        rows = torch.arange(self.tokens.shape[0], device=self.tokens.device)
+        return self.tokens[rows, self.summary.to(self.tokens.device)]
 
 
 def check_images(images: Any, name: str = "images", shape: str = "(B, C, H, W)") -> None:

@@ -130,17 +130,38 @@ def attention_map(
     return rows[:, keys.start : keys.stop].mean(dim=0)
 
 
+#: Marks of the subword schemes: WordPiece continues a word with ``##``; CLIP's BPE ends a
+#: word with ``</w>``; SentencePiece and byte-level BPE start a word with ``▁`` / ``Ġ``.
+_CONTINUES, _ENDS, _STARTS = "##", "</w>", ("▁", "Ġ")
+
+
 def _words(tokenizer: Any, ids: list[int], mask: list[bool]) -> list[tuple[str, list[int]]]:
-    """The text's words and their token positions: word pieces merged, special tokens left out."""
+    """The text's words and their token positions: subword pieces merged, special tokens left
+    out. WordPiece (``##``), end-marked BPE (``</w>``) and start-marked pieces (``▁``, ``Ġ``)
+    are each merged by their own rule."""
     special = set(getattr(tokenizer, "all_special_ids", []))
+    pieces = [
+        (position, tokenizer.convert_ids_to_tokens(token_id))
+        for position, (token_id, real) in enumerate(zip(ids, mask, strict=True))
+        if real and token_id not in special
+    ]
+    end_marked = any(piece.endswith(_ENDS) for _, piece in pieces)
+    start_marked = any(piece.startswith(_STARTS) for _, piece in pieces)
     words: list[tuple[str, list[int]]] = []
-    for position, (token_id, real) in enumerate(zip(ids, mask, strict=True)):
-        if not real or token_id in special:
-            continue
-        piece = tokenizer.convert_ids_to_tokens(token_id)
-        if piece.startswith("##") and words:
-            words[-1] = (words[-1][0] + piece[2:], [*words[-1][1], position])
+    word_open = False  # the last piece did not end its word
+    for position, piece in pieces:
+        if piece.startswith(_CONTINUES) and words:
+            joined, piece = True, piece[len(_CONTINUES):]
+        elif start_marked:
+            joined = not piece.startswith(_STARTS) and bool(words)
+            piece = piece.lstrip("".join(_STARTS))
         else:
+            joined = word_open and bool(words)
+        word_open = end_marked and not piece.endswith(_ENDS)
+        piece = piece.removesuffix(_ENDS)
+        if joined:
+            words[-1] = (words[-1][0] + piece, [*words[-1][1], position])
+        elif piece:
             words.append((piece, [position]))
     return words
 
