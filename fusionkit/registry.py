@@ -12,6 +12,7 @@ contract test) can build any registered component of that kind with the same arg
 | `head` | `(dim, tasks: Mapping[str, TaskSpec], ...)` |
 | `model` | `(config: ModelConfig)` |
 
+A vision encoder read from a model folder (``huggingface``) names it ``model_name_or_path``.
 Every sequence fusion is called as ``forward(tokens, masks, *, return_tokens=False,
 return_attention=False)``; one that cannot record attention raises ``ConfigError`` when asked.
 ``tests/test_contract.py`` walks every registered component of every kind through its contract.

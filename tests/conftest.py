@@ -89,3 +89,105 @@ def tiny_bert_dir(tmp_path_factory):
     directory = tmp_path_factory.mktemp("tiny-bert")
     write_tiny_bert(directory)
     return directory
+
+
+def tiny_clip_tokenizer():
+    """A CLIP BPE tokenizer over `TINY_WORDS`, built offline: every letter with and without
+    CLIP's ``</w>`` word end, one merge chain per word; the end-of-text token has the largest id.
+    """
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        vocab.setdefault(letter, len(vocab))
+        vocab.setdefault(f"{letter}</w>", len(vocab))
+    merges: list[tuple[str, str]] = []
+    for word in TINY_WORDS:
+        symbols = [*word[:-1], f"{word[-1]}</w>"]
+        merged = symbols[0]
+        for symbol in symbols[1:]:
+            if (merged, symbol) not in merges:
+                merges.append((merged, symbol))
+            merged += symbol
+            vocab.setdefault(merged, len(vocab))
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    return CLIPTokenizer(vocab=vocab, merges=merges)
+
+
+def write_tiny_clip(directory) -> None:
+    """Save a tiny random CLIPModel (towers of width 32, 2 layers, 2 heads; 32x32 images in
+    8-pixel patches; projections to 16), its tokenizer and its image processor."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    tokenizer = tiny_clip_tokenizer()
+    config = CLIPConfig(
+        text_config={
+            # Room for ids past the end-of-text id (tests of the legacy argmax rule).
+            "vocab_size": len(tokenizer) + 8,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "max_position_embeddings": 32,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+        },
+        vision_config={
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 2,
+            "image_size": 32,
+            "patch_size": 8,
+        },
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    crop = {"height": 32, "width": 32}
+    CLIPImageProcessor(size={"shortest_edge": 40}, crop_size=crop).save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory):
+    """A tiny Hugging Face CLIPModel folder, loadable by path as a ``huggingface`` vision or
+    text encoder."""
+    directory = tmp_path_factory.mktemp("tiny-clip")
+    write_tiny_clip(directory)
+    return directory
+
+
+#: A tiny open_clip CLIP (ViT width 64 at 64x64 with 16-pixel patches, 2 layers per tower,
+#: CLIP's 49408-id vocabulary and 77-token context), registered under `TINY_OPEN_CLIP_NAME`.
+TINY_OPEN_CLIP_NAME = "fusionkit-tiny-clip"
+TINY_OPEN_CLIP = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 64, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+def write_tiny_open_clip(directory):
+    """Register the tiny open_clip config and save a random model's state dict; its path."""
+    import json
+
+    import open_clip
+
+    config = directory / f"{TINY_OPEN_CLIP_NAME}.json"
+    config.write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(config)
+    torch.manual_seed(0)
+    path = directory / "tiny-clip.pt"
+    torch.save(open_clip.create_model(TINY_OPEN_CLIP_NAME).state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory):
+    """``(model_name, checkpoint path)`` of a tiny random open_clip CLIP saved to disk."""
+    pytest.importorskip("open_clip")
+    path = write_tiny_open_clip(tmp_path_factory.mktemp("tiny-open-clip"))
+    return TINY_OPEN_CLIP_NAME, path

@@ -94,12 +94,23 @@ def _encoder_inputs(kind, batch):
 
 
 @pytest.fixture
-def encoder_arguments(tiny_bert_dir):
-    """The constructor contract's arguments, with the smallest offline backbones."""
-    return {
-        "vision_encoder": {"model_name": "resnet18", "pretrained": False},
-        "text_encoder": {"model_name_or_path": str(tiny_bert_dir), "max_length": 16},
-    }
+def encoder_arguments(tiny_bert_dir, request):
+    """The constructor contract's arguments, with the smallest offline backbones: a function
+    of (kind, name), so a backbone is only built for the encoders that need it."""
+
+    def arguments(kind, name):
+        if name == "open_clip":
+            model_name, path = request.getfixturevalue("tiny_open_clip")
+            return {"model_name": model_name, "pretrained": str(path)}
+        if (kind, name) == ("vision_encoder", "huggingface"):
+            path = request.getfixturevalue("tiny_clip_dir")  # 32x32 CLIP, fed 64x64 images
+            return {"model_name_or_path": str(path), "interpolate_pos_encoding": True}
+        return {
+            "vision_encoder": {"model_name": "resnet18", "pretrained": False},
+            "text_encoder": {"model_name_or_path": str(tiny_bert_dir), "max_length": 16},
+        }[kind]
+
+    return arguments
 
 
 ENCODERS = [
@@ -111,7 +122,7 @@ ENCODERS = [
 
 @pytest.mark.parametrize(("kind", "name"), ENCODERS, ids=[f"{k}-{n}" for k, n in ENCODERS])
 def test_encoder_contract(kind, name, encoder_arguments):
-    encoder = fusionkit.create(kind, name, **encoder_arguments[kind])
+    encoder = fusionkit.create(kind, name, **encoder_arguments(kind, name))
     out = encoder(*_encoder_inputs(kind, 3))
     assert isinstance(out, EncoderOutput)
     assert out.tokens.dim() == 3 and out.tokens.shape[0] == 3
@@ -124,7 +135,7 @@ def test_encoder_contract(kind, name, encoder_arguments):
     (out.tokens * torch.randn_like(out.tokens)).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in encoder.parameters())
 
-    frozen = fusionkit.create(kind, name, freeze=True, **encoder_arguments[kind])
+    frozen = fusionkit.create(kind, name, freeze=True, **encoder_arguments(kind, name))
     assert not any(p.requires_grad for p in frozen.parameters())
 
 

@@ -1,9 +1,11 @@
-"""Encoder adapters: timm vision backbones and text transformers as token sequences.
+"""Encoder adapters: vision backbones and text transformers as token sequences.
 
-Importing this package registers the ``vision_encoder`` ``"timm"`` and the ``text_encoder``
-``"sentence_transformers"`` and ``"huggingface"`` components. Every adapter returns an
-`EncoderOutput` (tokens ``(B, N, C)`` and a bool mask) and states its ``width``.
-Pretrained weights come only from offline packages or local files.
+Importing this package registers the ``vision_encoder`` components ``"timm"``,
+``"open_clip"`` and ``"huggingface"`` (CLIP and SigLIP vision towers) and the ``text_encoder``
+components ``"sentence_transformers"``, ``"huggingface"`` (text towers of CLIP and SigLIP
+included) and ``"open_clip"``. Every adapter returns an `EncoderOutput` (tokens ``(B, N, C)``,
+a bool mask, and the position of the token the backbone pools where it has one) and states its
+``width``. Pretrained weights come only from offline packages or local files.
 
 Examples:
     >>> from fusionkit.encoders import TimmVisionEncoder
@@ -14,6 +16,8 @@ Examples:
 from __future__ import annotations
 
 from fusionkit.encoders.base import EncoderOutput, check_images
+from fusionkit.encoders.hf_clip import HuggingFaceVisionEncoder
+from fusionkit.encoders.open_clip import OpenCLIPTextEncoder, OpenCLIPVisionEncoder
 from fusionkit.encoders.text import (
     PRESENT_KEY,
     BaseTextEncoder,
@@ -43,8 +47,11 @@ __all__ = [
     "BaseTextEncoder",
     "EncoderOutput",
     "HuggingFaceTextEncoder",
+    "HuggingFaceVisionEncoder",
     "OfflineTextModel",
     "OfflineVisionWeights",
+    "OpenCLIPTextEncoder",
+    "OpenCLIPVisionEncoder",
     "SentenceTransformersTextEncoder",
     "TimmVisionEncoder",
     "check_images",

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from fusionkit.encoders.base import EncoderOutput
+from fusionkit.encoders.hf_clip import TEXT_POOLING, encode_text_tower, load_hf_model, text_tower
 from fusionkit.encoders.weights import enforce_offline_mode, resolve_text_model_path
 from fusionkit.errors import CheckpointError, ConfigError, ShapeError
 from fusionkit.registry import register
@@ -83,6 +84,8 @@ class BaseTextEncoder(nn.Module):
         width: Channels ``C`` of every token (the transformer's hidden size); set by
             `_finish_init`.
         frozen: Whether the model is frozen.
+        padding: How `tokenize` pads: ``"longest"`` (the batch's longest text), or
+            ``"max_length"`` for a model that pools the last position (SigLIP).
 
     Raises:
         ConfigError: ``max_length`` is not an int of at least 2.
@@ -102,6 +105,7 @@ class BaseTextEncoder(nn.Module):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.frozen = freeze
+        self.padding = "longest"
 
     @property
     def transformer(self) -> nn.Module:
@@ -146,7 +150,7 @@ class BaseTextEncoder(nn.Module):
         return self
 
     def tokenize(self, texts: Sequence[str | None]) -> dict[str, Tensor]:
-        """Tokenize a batch, padding to its longest text and truncating at ``max_length``.
+        """Tokenize a batch, padding as `padding` says and truncating at ``max_length``.
 
         Args:
             texts: One text per sample; ``None`` marks a missing text.
@@ -166,9 +170,10 @@ class BaseTextEncoder(nn.Module):
         checked = _check_texts(texts)
         encoded = self.tokenizer(
             ["" if text is None else text for text in checked],
-            padding="longest",
+            padding=self.padding,
             truncation=True,
             max_length=self.max_length,
+            return_attention_mask=True,
             return_tensors="pt",
         )
         inputs = dict(encoded.items())
@@ -213,7 +218,8 @@ class BaseTextEncoder(nn.Module):
 
         Returns:
             Tokens ``(B, T, width)`` (the last hidden state) and mask ``(B, T)``: the attention
-            mask, all ``False`` for missing texts.
+            mask, all ``False`` for missing texts; ``summary``, the position the model pools,
+            for CLIP and SigLIP (see `fusionkit.encoders.hf_clip`), else None.
 
         Raises:
             ShapeError: Both or neither of ``texts`` and ``text_inputs`` are given, or they
@@ -234,11 +240,15 @@ class BaseTextEncoder(nn.Module):
         present = inputs.pop(PRESENT_KEY, None)
         device = next(self.transformer.parameters()).device
         model_inputs = {key: value.to(device) for key, value in inputs.items()}
-        tokens = self.transformer(**model_inputs, return_dict=True).last_hidden_state
-        mask = model_inputs["attention_mask"].bool()
+        tokens, mask, summary = self._encode(model_inputs)
         if present is not None:
             mask = mask & present.to(device=device, dtype=torch.bool)[:, None]
-        return EncoderOutput(tokens=tokens, mask=mask)
+        return EncoderOutput(tokens=tokens, mask=mask, summary=summary)
+
+    def _encode(self, model_inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Tokens (the last hidden state), the attention mask as bool, and no summary."""
+        tokens = self.transformer(**model_inputs, return_dict=True).last_hidden_state
+        return tokens, model_inputs["attention_mask"].bool(), None
 
     def forward_features(
         self,
@@ -367,6 +377,11 @@ class SentenceTransformersTextEncoder(BaseTextEncoder):
 class HuggingFaceTextEncoder(BaseTextEncoder):
     """A Hugging Face encoder model (BERT, RoBERTa, DistilBERT...) from a local directory.
 
+    A dual encoder (``CLIPModel``, ``SiglipModel``) gives its text tower; a ``CLIPTextModel``
+    or ``SiglipTextModel`` folder works alone. CLIP and SigLIP mark the token they pool in
+    ``summary`` (CLIP: the end-of-text token; SigLIP: the last position, texts padded to
+    ``max_length``, so keep ``max_length`` at the model's 64); BERT-style models mark none.
+
     Args:
         model_name_or_path: A local directory saved with ``save_pretrained`` (model and
             tokenizer), or a known offline name (see
@@ -375,7 +390,9 @@ class HuggingFaceTextEncoder(BaseTextEncoder):
         freeze: Stop gradients and keep eval mode (see `BaseTextEncoder`).
 
     Attributes:
-        model: The ``transformers`` model (``AutoModel``).
+        model: The ``transformers`` model (``AutoModel``); of a dual encoder, its text tower.
+        pooling: Where the model pools its text (a value of
+            `fusionkit.encoders.hf_clip.TEXT_POOLING`), or None.
 
     Raises:
         ConfigError: The name is neither a local directory nor a known offline name, the
@@ -398,18 +415,24 @@ class HuggingFaceTextEncoder(BaseTextEncoder):
         path = resolve_text_model_path(model_name_or_path)
         _require_any_file(path, ("config.json",))
         enforce_offline_mode()
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoTokenizer
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-            model = AutoModel.from_pretrained(path, local_files_only=True)
+            model = load_hf_model(path)
         except (OSError, ValueError) as error:
             raise _load_error(path, error) from error
         super().__init__(tokenizer, max_length, freeze)
-        self.model = model
+        self.model = text_tower(model)
+        self.pooling = TEXT_POOLING.get(getattr(self.model.config, "model_type", ""))
+        if self.pooling == "last":
+            self.padding = "max_length"
         self._finish_init()
 
     @property
     def transformer(self) -> nn.Module:
         """The ``transformers`` model, same as `model`."""
         return self.model
+
+    def _encode(self, model_inputs: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor | None]:
+        return encode_text_tower(self.model, self.pooling, model_inputs)

@@ -462,10 +462,12 @@ class CMACLIP(nn.Module):
                 f"strings, got {excluded!r}"
             )
         raw = read_yaml(directory / CONFIG_FILE)
-        # The file holds the weights of every image encoder it does not exclude: skip loading
-        # them from their pretrained source first.
-        if "vision." not in excluded and isinstance(raw.get("vision"), dict):
-            raw["vision"] = {**raw["vision"], "pretrained": False}
+        # The file holds the weights of every encoder it does not exclude: skip loading them
+        # from their pretrained source (offline package, checkpoint file) first.
+        for section in ("vision", "text"):
+            spec = raw.get(section)
+            if isinstance(spec, dict) and "pretrained" in spec and f"{section}." not in excluded:
+                raw[section] = {**spec, "pretrained": False}
         for name, spec in (raw.get("inputs") or {}).items():
             encoder = spec.get("encoder") if isinstance(spec, dict) else None
             if (
