@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from fusionkit.encoders.base import EncoderOutput, check_images
-from fusionkit.encoders.weights import _looks_like_path, enforce_offline_mode
+from fusionkit.encoders.weights import enforce_offline_mode, looks_like_path
 from fusionkit.errors import CheckpointError, ConfigError, FusionkitError, ShapeError
 from fusionkit.registry import register
 
@@ -105,7 +105,7 @@ def resolve_model_dir(name_or_path: str | os.PathLike[str]) -> Path:
         return path
     if path.exists():
         raise CheckpointError(f"{text!r} is a file; expected a model folder")
-    if _looks_like_path(text):
+    if looks_like_path(text):
         raise CheckpointError(f"model folder {text!r} does not exist")
     raise ConfigError(
         f"{text!r} is not a local folder; fusionkit never downloads from a model hub. Save the "

