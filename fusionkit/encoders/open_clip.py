@@ -13,10 +13,12 @@ after building a model that uses one tower only, to free the other).
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -126,12 +128,31 @@ def _resolve_pretrained(open_clip: Any, model_name: str, pretrained: Any) -> Pat
     )
 
 
+class _NoRandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No pretrained weights loaded" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_random_init() -> Iterator[None]:
+    """Drop open_clip's root-logger warning about a randomly initialised model."""
+    quiet = _NoRandomInitWarning()
+    logging.getLogger().addFilter(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(quiet)
+
+
 def _create(open_clip: Any, model_name: str, path: Path | None) -> dict[str, Any]:
     """Build the CLIP model (weights from ``path``) and split it into its two towers."""
     kwargs = {"pretrained_image": False, "pretrained_text": False, "weights_only": True}
     try:
-        # An absolute path is never an open_clip tag: create_model only reads the file.
-        model = open_clip.create_model(model_name, pretrained=path and str(path), **kwargs)
+        # An absolute path is never an open_clip tag: create_model only reads the file. Random
+        # init is asked for (pretrained: false, or a fusionkit checkpoint about to load its
+        # weights), so open_clip's warning that no weights were loaded is dropped.
+        with _quiet_random_init():
+            model = open_clip.create_model(model_name, pretrained=path and str(path), **kwargs)
     except Exception as error:  # torch.load, safetensors and load_state_dict all differ
         if path is None:
             raise
