@@ -10,6 +10,7 @@ from PIL import Image
 
 import fusionkit
 import fusionkit.encoders.open_clip as oc  # registers the "open_clip" encoders
+import fusionkit.encoders.open_clip_loading as loading
 from fusionkit.data import build_image_transform
 from fusionkit.errors import CheckpointError, ConfigError, MissingDependencyError, ShapeError
 from fusionkit.serving.explain import _words
@@ -151,10 +152,10 @@ def test_both_towers_load_the_checkpoint_once(tiny_open_clip, count_loads):
     name, path = tiny_open_clip
     vision = oc.OpenCLIPVisionEncoder(name, pretrained=path)
     text = oc.OpenCLIPTextEncoder(name, pretrained=str(path))
-    assert len(count_loads) == 1 and oc._PENDING == {}  # nothing is left in the cache
+    assert len(count_loads) == 1 and loading._PENDING == {}  # nothing is left in the cache
     # A tower taken already is loaded again, never shared between two encoders.
     second = oc.OpenCLIPVisionEncoder(name, pretrained=path)
-    assert len(count_loads) == 2 and set(oc._PENDING[next(iter(oc._PENDING))]) == {"text"}
+    assert len(count_loads) == 2 and set(loading._PENDING[next(iter(loading._PENDING))]) == {"text"}
     ids = {id(p) for p in vision.parameters()}
     assert not ids & {id(p) for p in second.parameters()}
     assert not ids & {id(p) for p in text.parameters()}
