@@ -41,7 +41,7 @@ def test_clip_towers_train_evaluate_predict_and_explain(
 ):
     vision, text, size = _towers(backend, tiny_open_clip, tiny_clip_dir)
     config = {
-        "vision": vision,
+        "vision": {**vision, "freeze": True},  # image tokens cached, the text tower fine-tuned
         "text": text,
         "fusion": {"dim": 32, "sequence": {"name": "transformer", "heads": 2}},
         "head": {"name": "mlp", "hidden_dim": 32},
