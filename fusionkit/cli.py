@@ -269,8 +269,9 @@ def _predict(args: argparse.Namespace) -> int:
         raise ConfigError("--manifest needs --out (a .csv or .jsonl path)")
     predictor = Predictor.from_pretrained(args.checkpoint, device=args.device)
     if args.manifest is not None:
-        path = predictor.predict_manifest(args.manifest, args.out)
-        print(f"predictions: {path}")
+        done = predictor.predict_manifest(args.manifest, args.out, progress=not args.quiet)
+        failed = f", {done.errors} with an error (see its error column)" if done.errors else ""
+        print(f"predictions: {done.path} ({done.rows} rows{failed})")
         return 0
     inputs = {name: [value] for name, value in _named_inputs(args.input).items()}
     result = predictor.predict(

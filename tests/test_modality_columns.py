@@ -144,11 +144,45 @@ def test_single_modality_model_trains_evaluates_and_predicts(
         assert list(report["tasks"]["color"]["modality_weights"]) == [modality]
 
         predictor = Predictor.from_pretrained(tmp_path / "run", device="cpu")
-        out = predictor.predict_manifest(manifests[name], tmp_path / f"{name}.csv")
-        with out.open(newline="") as handle:
+        done = predictor.predict_manifest(manifests[name], tmp_path / f"{name}.csv")
+        assert (done.rows, done.errors) == (12, 1)  # the row without any input: an error row
+        with done.path.open(newline="") as handle:
             rows = list(csv.DictReader(handle))
-        assert len(rows) == 11
-        assert {row[f"color_{modality}_weight"] for row in rows} == {"1.0"}
-        jsonl = predictor.predict_manifest(manifests[name], tmp_path / f"{name}.jsonl")
+        predicted = [row for row in rows if not row["error"]]
+        assert len(rows) == 12 and len(predicted) == 11
+        assert {row[f"color_{modality}_weight"] for row in predicted} == {"1.0"}
+        jsonl = predictor.predict_manifest(manifests[name], tmp_path / f"{name}.jsonl").path
         first = json.loads(jsonl.read_text().splitlines()[0])
         assert first["color"]["label"] in ("blue", "red")
+
+
+def test_predict_manifest_answers_every_row(manifests, tiny_bert_dir, tmp_path):
+    """A missing image file, a corrupt image and a row without input each get an error row,
+    in the manifest's order; nothing is dropped."""
+    config = _config("text", True, manifests, tiny_bert_dir, tmp_path)
+    config["vision"] = {"name": "timm", "model_name": "test_efficientnet", "pretrained": False}
+    Trainer(build_run_config(config), tmp_path / "run", progress=False).fit()
+    folder = manifests["mixed"].parent
+    (folder / "images" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image")
+    rows = [
+        ["a", "images/000.png", "a red shirt", "red"],
+        ["b", "images/absent.png", "a blue shirt", "blue"],
+        ["c", "images/corrupt.png", "a red shirt", "red"],
+        ["d", "", "", "red"],
+        ["e", "", "a blue shirt", "blue"],
+    ]
+    manifest = write_manifest(folder / "bad.csv", ["id", "image", "text", "color"], rows)
+    predictor = Predictor.from_pretrained(tmp_path / "run", device="cpu")
+    predictor.batch_size = 4
+    for suffix in (".csv", ".jsonl"):
+        done = predictor.predict_manifest(manifest, tmp_path / f"bad{suffix}")
+        assert (done.rows, done.errors) == (5, 3)
+        if suffix == ".jsonl":
+            out = [json.loads(line) for line in done.path.read_text().splitlines()]
+        else:
+            with done.path.open(newline="") as handle:
+                out = [{k: v for k, v in row.items() if v} for row in csv.DictReader(handle)]
+        assert [row["id"] for row in out] == ["a", "b", "c", "d", "e"]
+        assert ["error" in row for row in out] == [False, True, True, True, False]
+        assert "does not exist" in out[1]["error"] and "cannot read image" in out[2]["error"]
+        assert out[4]["color"]

@@ -222,10 +222,10 @@ def test_three_inputs_train_evaluate_and_predict_from_the_cli(tiny_bert_dir, tmp
     out = tmp_path / "val.csv"
     assert main(["-q", "predict", "--checkpoint", str(run), "--manifest",
                  str(manifests["val"]), "--out", str(out)]) == 0
-    assert capsys.readouterr().out.strip() == f"predictions: {out}"
+    assert capsys.readouterr().out.strip() == f"predictions: {out} (4 rows)"
     header = out.read_text().splitlines()[0].split(",")
     assert header == ["id", "color", "color_title_weight", "color_description_weight",
-                      "color_front_weight"]
+                      "color_front_weight", "error"]
     photo = manifests["val"].parent / "images" / "12.png"
     assert main(["-q", "predict", "--checkpoint", str(run), "--json",
                  "--input", "title=a red shirt", "--input", "description=soft red cotton",
@@ -336,3 +336,14 @@ def test_explain_a_pair_of_named_inputs(model, tmp_path, capsys):
                  "--input", f"front={photo}", "--text-input", "title", "--out", str(out)])
     assert code == 0 and out.is_file()
     assert "weights: title=" in capsys.readouterr().out
+
+
+def test_an_encoder_name_of_both_kinds_needs_kind_except_huggingface(tiny_bert_dir):
+    both = {"name": "open_clip", "model_name": "ViT-B-32"}
+    with pytest.raises(ConfigError, match=r"^inputs\.t: encoder 'open_clip' is both an image "
+                                          r"and a text encoder; add kind"):
+        ModelConfig.from_dict({"inputs": {"t": {"encoder": both}}, "tasks": TASKS})
+    config = ModelConfig.from_dict({"inputs": {"t": {"encoder": text_encoder(tiny_bert_dir)}},
+                                    "tasks": TASKS})
+    assert config.inputs["t"].kind == "text"  # huggingface meant the text encoder before
+    assert config.to_dict()["inputs"]["t"]["kind"] == "text"  # written out: unambiguous

@@ -11,10 +11,12 @@ inputs:
 ```
 
 An input is an image or a text, as its encoder is a registered ``vision_encoder`` or
-``text_encoder`` (``kind: image|text`` settles a name registered as both). ``share`` reuses
-another input's encoder: the weights are the same module, run once per batch on every input
-that shares it. ``column`` defaults to the input's name. The shorthand ``vision:`` / ``text:``
-is the two inputs ``text`` (column ``text``) and ``image`` (column ``image``), in that order.
+``text_encoder``; ``kind: image|text`` settles a name registered as both (``open_clip``;
+``huggingface`` without ``kind`` is the text encoder, as it was before its vision encoder).
+``share`` reuses another input's encoder: the weights are the same module, run once per batch
+on every input that shares it. ``column`` defaults to the input's name. The shorthand
+``vision:`` / ``text:`` is the two inputs ``text`` (column ``text``) and ``image`` (column
+``image``), in that order.
 """
 
 from __future__ import annotations
@@ -34,6 +36,9 @@ __all__ = ["ENCODER_KINDS", "InputConfig", "parse_inputs", "shorthand_inputs"]
 ENCODER_KINDS = {"image": "vision_encoder", "text": "text_encoder"}
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _KEYS = ("encoder", "share", "column", "kind")
+#: Names registered in both kinds that meant one kind before: without ``kind`` they keep it
+#: (``huggingface`` was a text encoder only), so configs written then read the same.
+_EARLIER_KIND = {"huggingface": "text"}
 #: Keys a sample holds beside its inputs' values.
 _RESERVED = ("id", "targets")
 
@@ -67,7 +72,7 @@ class InputConfig:
             out["encoder"] = self.encoder.to_dict()
         else:
             out["share"] = self.share
-        return {**out, "column": self.column}
+        return {**out, "column": self.column, "kind": self.kind}
 
 
 def _encoder_kind(name: Any, kind: Any, path: str) -> str:
@@ -82,13 +87,18 @@ def _encoder_kind(name: Any, kind: Any, path: str) -> str:
              if name in registry.list_components(registry_kind)]
     if len(found) == 1:
         return found[0]
+    if len(found) > 1 and name in _EARLIER_KIND:
+        return _EARLIER_KIND[name]
     if not found:
         names = [n for k in ENCODER_KINDS.values() for n in registry.list_components(k)]
         raise ConfigError(
             f"{path}.encoder.name: no vision or text encoder {name!r}; "
             f"{did_you_mean(name, names, what='registered')}"
         )
-    raise ConfigError(f"{path}: encoder {name!r} is both an image and a text encoder; add kind")
+    raise ConfigError(
+        f"{path}: encoder {name!r} is both an image and a text encoder; add kind: image or "
+        "kind: text"
+    )
 
 
 def parse_inputs(section: Any, path: str = "inputs") -> dict[str, InputConfig]:

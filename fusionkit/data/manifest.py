@@ -41,6 +41,7 @@ __all__ = [
     "ManifestDataset",
     "ManifestRecord",
     "Sample",
+    "SkippedRow",
     "open_image",
     "write_manifest",
 ]
@@ -55,6 +56,27 @@ Target = int | list[int] | None
 Transform = Callable[[Image.Image], torch.Tensor]
 #: One item of :class:`ManifestDataset`: ``id``, ``targets`` and one value per input, by name.
 Sample = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SkippedRow:
+    """A row of a manifest that :class:`ManifestDataset` skipped.
+
+    Args:
+        id: The row's sample id.
+        line: Its line in the manifest (1-based).
+        reason: The reason key (``missing_image_file``, ``unknown_label``, ``no_input``).
+        message: The reason in words.
+
+    Examples:
+        >>> SkippedRow("a", 3, "no_input", "no_input").line
+        3
+    """
+
+    id: str
+    line: int
+    reason: str
+    message: str
 
 
 @dataclass(frozen=True)
@@ -180,6 +202,9 @@ class ManifestDataset(Dataset):
     - ``unknown_label``: a label is not among its task's classes;
     - ``no_input``: every input's cell is empty (always skipped).
 
+    :attr:`skipped_rows` lists each skipped row (id, line, reason), so a caller that must
+    answer for every row (``predict --manifest``) can.
+
     Only the columns of the read inputs are loaded: a text-only model's manifest needs no
     ``image`` column, and its image cells (if any) are neither checked nor loaded. An empty
     cell makes that input missing (``None``) for the sample, and so does an absent column for
@@ -247,6 +272,7 @@ class ManifestDataset(Dataset):
         self.image_transform = image_transform
         self.on_error = on_error
         self.skipped: dict[str, int] = {}
+        self.skipped_rows: list[SkippedRow] = []
         self.missing_inputs: dict[str, int] = dict.fromkeys(self._sample_keys, 0)
         self.load_failures = 0
         self._unreadable: set[tuple[int, str]] = set()
@@ -273,10 +299,13 @@ class ManifestDataset(Dataset):
         """Alias of :attr:`missing_inputs`."""
         return self.missing_inputs
 
-    def _skip(self, reason: str, example: str, error: str | None) -> None:
-        """Count a skipped row, or raise ``error`` with ``on_error="raise"`` (if one is given)."""
+    def _skip(self, reason: str, example: str, error: str | None, row: tuple[int, str]) -> None:
+        """Count a skipped row (``row``: its line and id), or raise ``error`` with
+        ``on_error="raise"`` (if one is given)."""
         if self.on_error == "raise" and error is not None:
             raise DataError(error)
+        line, sample_id = row
+        self.skipped_rows.append(SkippedRow(sample_id, line, reason, error or reason))
         self.skipped[reason] = self.skipped.get(reason, 0) + 1
         examples = self._examples.setdefault(reason, [])
         if len(examples) < _EXAMPLES:
@@ -310,12 +339,13 @@ class ManifestDataset(Dataset):
                     f"line {line}: {image_path}",
                     f"{where}, column {spec.column!r}: image file {str(image_path)!r} does "
                     "not exist",
+                    (line, sample_id),
                 )
                 return None
             values[name] = image_path
         if all(value is None for value in values.values()):
             # Not an error: such a row has nothing to learn from, whatever on_error says.
-            self._skip("no_input", f"line {line}", None)
+            self._skip("no_input", f"line {line}", None, (line, sample_id))
             return None
 
         targets: dict[str, Target] = {}
@@ -334,6 +364,7 @@ class ManifestDataset(Dataset):
                     f"line {line}: {name}={unknown[0]!r:.60}",
                     f"{where}, column {name!r}: label {unknown[0]!r} is not a known class{hint}; "
                     f"known classes: {list(spec.class_names())}",
+                    (line, sample_id),
                 )
                 return None
             if not labels:

@@ -9,12 +9,9 @@ Examples:
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -22,10 +19,12 @@ from PIL import Image
 from fusionkit.data import build_image_transform, image_data_config, open_image
 from fusionkit.device import resolve_device
 from fusionkit.errors import DataError
-from fusionkit.io import atomic_write
 from fusionkit.models import CMACLIP
 from fusionkit.runs import resolve_run_dir
 from fusionkit.tasks import MULTI_LABEL_THRESHOLD
+
+if TYPE_CHECKING:
+    from fusionkit.serving.manifest import ManifestPredictions
 
 __all__ = ["Predictor"]
 
@@ -227,58 +226,27 @@ class Predictor:
         return results
 
     def predict_manifest(
-        self, manifest: str | os.PathLike[str], out: str | os.PathLike[str]
-    ) -> Path:
-        """Predict every row of a manifest and write ``.csv`` or ``.jsonl`` results.
-
-        The CSV has ``id`` and per task the label(s) (``|``-joined for multi-label) and the
-        modality weights; the JSONL holds the full :meth:`predict` output per sample.
-
-        Args:
-            manifest: A ``.csv``/``.jsonl`` manifest with the columns of the model's inputs
-                (``image`` and/or ``text`` for the shorthand, each named input's ``column``
-                otherwise; label columns are not needed).
-            out: Output path ending in ``.csv`` or ``.jsonl``.
+        self,
+        manifest: str | os.PathLike[str],
+        out: str | os.PathLike[str],
+        *,
+        progress: bool = False,
+    ) -> ManifestPredictions:
+        """Predict every row of a manifest into ``.csv`` or ``.jsonl``; see
+        :func:`~fusionkit.serving.manifest.predict_manifest` (a row that cannot be predicted
+        gets an ``error`` field, never dropped).
 
         Returns:
-            The output path.
+            The output path and its row and error counts.
 
         Raises:
             DataError: Unreadable manifest, or an unknown output format.
 
         Examples:
-            >>> predictor.predict_manifest("test.csv", "predictions.csv")  # doctest: +SKIP
+            >>> predictor.predict_manifest("test.csv", "predictions.csv").errors
+            ... # doctest: +SKIP
+            0
         """
-        from fusionkit.data import ManifestDataset
+        from fusionkit.serving.manifest import predict_manifest
 
-        out = Path(out)
-        if out.suffix not in (".csv", ".jsonl"):
-            raise DataError(f"{out}: output must end in .csv or .jsonl")
-        dataset = ManifestDataset(manifest, {}, inputs=self.model.config.inputs)
-        records = dataset.records
-        predictions = self.predict(
-            inputs={name: [r.values[name] for r in records] for name in self.model.modalities}
-        )
-        rows = [{"id": r.id, **p} for r, p in zip(records, predictions, strict=True)]
-        if out.suffix == ".jsonl":
-            text = "".join(json.dumps(row) + "\n" for row in rows)
-            atomic_write(out, lambda tmp: tmp.write_text(text, encoding="utf-8"))
-            return out
-        header = ["id"]
-        for task in self.model.tasks:
-            header += [task, *(f"{task}_{m}_weight" for m in self.model.modalities)]
-
-        def write(tmp: Path) -> None:
-            with tmp.open("w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle, lineterminator="\n")
-                writer.writerow(header)
-                for row in rows:
-                    cells = [row["id"]]
-                    for task in self.model.tasks:
-                        entry = row[task]
-                        cells.append(entry.get("label") or "|".join(entry.get("labels", [])))
-                        cells += [entry["modality_weights"][m] for m in self.model.modalities]
-                    writer.writerow(cells)
-
-        atomic_write(out, write)
-        return out
+        return predict_manifest(self, manifest, out, progress=progress)
