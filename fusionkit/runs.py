@@ -7,6 +7,8 @@ A run folder holds:
 - ``val_report.json``: the validation report of ``best/`` (`VAL_REPORT_FILE`);
 - ``report.json``: written by ``fusionkit evaluate`` (`report_path`);
 - ``replicas.json``: the parameter digests of every distributed rank (`REPLICAS_FILE`);
+- ``tensorboard/``: TensorBoard event files of the per-epoch metrics (`TENSORBOARD_DIR`);
+- ``curves.png``: loss, accuracy and modality-weight curves over the epochs (`CURVES_FILE`);
 - ``best/`` and ``last/``: checkpoint folders (`BEST`, `LAST`; `resolve_run_dir` picks one).
 
 A checkpoint folder (``best/`` or ``last/``) holds ``config.yaml`` and ``model.safetensors``
@@ -50,10 +52,12 @@ from fusionkit.io import (
 __all__ = [
     "BEST",
     "CONFIG_FILE",
+    "CURVES_FILE",
     "LAST",
     "METRICS_FILE",
     "REPLICAS_FILE",
     "STATE_FILE",
+    "TENSORBOARD_DIR",
     "TENSOR_STATE_FILE",
     "VAL_REPORT_FILE",
     "find_checkpoint",
@@ -74,6 +78,8 @@ VAL_REPORT_FILE = "val_report.json"
 REPORT_FILE = "report.json"
 STATE_FILE = "trainer_state.json"
 TENSOR_STATE_FILE = "trainer_state.pt"
+TENSORBOARD_DIR = "tensorboard"
+CURVES_FILE = "curves.png"
 _WEIGHTS_FILE = "model.safetensors"
 _MODEL_FILES = (_WEIGHTS_FILE, CONFIG_FILE)
 

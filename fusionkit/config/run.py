@@ -123,6 +123,8 @@ class TrainConfig(Section):
         early_stopping: Stop after this many validated epochs without a better
             ``best_metric``; 0 trains every epoch.
         deterministic: Ask torch for deterministic algorithms (``warn_only``).
+        tensorboard: Write every epoch's metrics as TensorBoard events into the run folder's
+            ``tensorboard/`` (see :mod:`fusionkit.training.tracking`); ``false`` writes none.
 
     Examples:
         >>> parse_section(TrainConfig, {"epochs": 3, "lr": 5e-4}, "train").lr
@@ -152,6 +154,7 @@ class TrainConfig(Section):
     best_metric: Literal["accuracy", "loss"] = "accuracy"
     early_stopping: NonNegative = 0
     deterministic: bool = True
+    tensorboard: bool = True
 
 
 _Section = TypeVar("_Section", bound=Section)

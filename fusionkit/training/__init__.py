@@ -14,9 +14,12 @@ from fusionkit.config import DataConfig, TrainConfig, parse_section
 from fusionkit.training.evaluate import compute_report, evaluate_checkpoint, format_report
 from fusionkit.training.loop import Trainer, TrainingError, TrainResult, train
 from fusionkit.training.run_config import build_run_config
+from fusionkit.training.tracking import MetricLogger, TensorBoardLogger
 
 __all__ = [
     "DataConfig",
+    "MetricLogger",
+    "TensorBoardLogger",
     "TrainConfig",
     "TrainResult",
     "Trainer",

@@ -9,6 +9,8 @@ run folder (laid out by :mod:`fusionkit.runs`):
   :func:`~fusionkit.io.atomic_write` from the history kept in the trainer state, so after a kill
   it never holds half a line nor an epoch the ``last/`` checkpoint does not know about;
 - ``val_report.json``: the validation report of ``best/``;
+- ``tensorboard/``: TensorBoard events of every epoch (see :mod:`fusionkit.training.tracking`);
+- ``curves.png``: loss, accuracy and modality weights over the epochs (needs matplotlib);
 - ``best/`` (the best epoch by ``train.best_metric``) and ``last/``: checkpoints loadable
   with :meth:`~fusionkit.models.CMACLIP.from_pretrained`; ``last/`` also holds the optimizer,
   scheduler and RNG states for ``resume``. Without a validation set (``data.val`` not given: a
@@ -35,6 +37,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,7 @@ from fusionkit.models import build_model
 from fusionkit.runs import (
     BEST,
     CONFIG_FILE,
+    CURVES_FILE,
     LAST,
     METRICS_FILE,
     REPLICAS_FILE,
@@ -59,7 +63,9 @@ from fusionkit.runs import (
     read_trainer_state,
     save_checkpoint,
 )
+from fusionkit.training import tracking
 from fusionkit.training.cache import CacheStats
+from fusionkit.training.curves import write_curves
 from fusionkit.training.distributed import (
     DistContext,
     all_gather_objects,
@@ -125,6 +131,7 @@ class _Run:
     scaler: torch.amp.GradScaler
     state: dict[str, Any]
     steps_per_epoch: int
+    loggers: tracking.LoggerGroup = field(default_factory=tracking.LoggerGroup)
 
 
 def _heads(model: Any) -> list[Any]:
@@ -145,12 +152,15 @@ class Trainer:
         output_dir: The run folder.
         resume: Continue from ``output_dir/last`` when it exists.
         progress: Show tqdm progress bars (rank 0 only).
+        loggers: Loggers of your own (:class:`~fusionkit.training.tracking.MetricLogger`),
+            handed every epoch's record after the TensorBoard logger (rank 0 only).
 
     Raises:
         ConfigError: Invalid ``data``/``train`` sections or ``train.precision: fp16`` without
             CUDA; the checks of :func:`~fusionkit.training.run_config.check_run_config`.
         DataError: ``data.train`` or ``data.val`` is missing, unreadable or lacks the columns
             the model needs (checked here, before the model is built).
+        TypeError: A logger lacks ``log_epoch`` or ``close``.
 
     Examples:
         >>> result = Trainer(build_run_config("configs/quickstart.yaml"), "runs/q").fit()
@@ -164,11 +174,13 @@ class Trainer:
         *,
         resume: bool = False,
         progress: bool = True,
+        loggers: Iterable[tracking.MetricLogger] = (),
     ) -> None:
         self.config = config
         self.output_dir = Path(output_dir)
         self.resume = resume
         self.progress = progress
+        self.loggers = tracking.check_loggers(loggers)
         self.data, self.train_config = config.data, config.train
         check_run_config(config)
         self.device = resolve_device(self.train_config.device)
@@ -210,12 +222,17 @@ class Trainer:
 
     def _fit(self) -> TrainResult:
         run = self._setup()
-        for epoch in range(run.state["epoch"], self.train_config.epochs):
-            if run.state["stopped_early"]:
-                break
-            self._train_epoch(run, epoch)
-            self._end_epoch(run, epoch)
+        run.loggers = tracking.open_loggers(self.train_config, self.output_dir, self.loggers,
+                                            start_epoch=run.state["epoch"], main=self.ctx.is_main)
+        with run.loggers:
+            for epoch in range(run.state["epoch"], self.train_config.epochs):
+                if run.state["stopped_early"]:
+                    break
+                self._train_epoch(run, epoch)
+                self._end_epoch(run, epoch)
         self._write_metrics(run.state["history"])
+        if self.ctx.is_main:
+            write_curves(run.state["history"], self.output_dir / CURVES_FILE)
         best_score = float("-inf")
         if run.sources.val is not None and run.state["best_epoch"]:
             self.val_report = self._finish_best(run)
@@ -294,31 +311,19 @@ class Trainer:
     def _end_epoch(self, run: _Run, epoch: int) -> None:
         """Validate, keep ``best/``, decide on early stopping, save ``last/`` and the metrics."""
         cfg, state, model = self.train_config, run.state, run.model
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "step": state["step"],
-            "train_loss": state["epoch_loss_sum"] / run.steps_per_epoch,
-        }
-        score = None
+        report, score = None, None
         if run.sources.val is not None:
             report = validation_report(model, self._val_outputs(run), refit_blend=True)
             score = report["mean"]["accuracy"] or 0.0
             if cfg.best_metric == "loss":
                 log_loss = report["mean"]["log_loss"]
                 score = -log_loss if log_loss is not None else float("-inf")
-            record |= {
-                "val_loss": report["loss"],
-                "val_log_loss": report["mean"]["log_loss"],
-                "val_accuracy": {t: r["accuracy"] for t, r in report["tasks"].items()},
-                "val_mean_accuracy": report["mean"]["accuracy"] or 0.0,
-            }
-            if any("sources" in r for r in report["tasks"].values()):
-                record["val_head_accuracy"] = {t: r["sources"] for t, r in report["tasks"].items()}
-        seconds = state["epoch_seconds"]
-        record |= {"lr": run.scheduler.get_last_lr()[-1], "epoch_seconds": round(seconds, 3)}
+        lr = run.scheduler.get_last_lr()[-1]
+        record = tracking.epoch_record(epoch + 1, state, run.steps_per_epoch, lr, report)
         _LOG.info("epoch %d: %s", epoch + 1, record)
         state.update(epoch=epoch + 1, batch_in_epoch=0, epoch_loss_sum=0.0, epoch_seconds=0.0)
         state["history"].append(record)
+        run.loggers.log_epoch(epoch + 1, record)  # flushed before last/ holds the epoch
         if score is not None and (state["best_score"] is None or score > state["best_score"]):
             state["best_score"] = score
             state["best_epoch"] = epoch + 1
@@ -479,6 +484,7 @@ def train(
     *,
     resume: bool = False,
     progress: bool = True,
+    loggers: Iterable[tracking.MetricLogger] = (),
 ) -> TrainResult:
     """Train a run config into ``output_dir``; see :class:`Trainer`.
 
@@ -487,6 +493,7 @@ def train(
         output_dir: The run folder.
         resume: Continue from ``output_dir/last``.
         progress: Show progress bars.
+        loggers: More loggers of every epoch (see :class:`Trainer`).
 
     Returns:
         The :class:`TrainResult`.
@@ -501,5 +508,5 @@ def train(
     """
     if not isinstance(config, RunConfig):
         config = build_run_config(config)
-    return Trainer(config, output_dir, resume=resume, progress=progress).fit()
+    return Trainer(config, output_dir, resume=resume, progress=progress, loggers=loggers).fit()
 
