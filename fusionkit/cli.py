@@ -113,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--pattern", default="*", help="fnmatch wildcard")
     _add_data_parser(commands)
     _add_explain_parser(commands)
+    _add_serve_parser(commands)
+    _add_export_parser(commands)
     return parser
 
 
@@ -185,6 +187,66 @@ def _add_explain_parser(commands: Any) -> None:
     explain.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
 
 
+def _add_serve_parser(commands: Any) -> None:
+    """Register ``fusionkit serve``: an HTTP prediction server with micro-batching."""
+    serve = commands.add_parser(
+        "serve", help="serve a checkpoint over HTTP (POST /predict, GET /health, /metadata)",
+        description="Serve a checkpoint over HTTP: POST /predict takes a multipart form (one "
+        "field per model input: files for images, strings for texts) or JSON {\"samples\": "
+        "[...]} (images as base64); concurrent requests are micro-batched. Needs "
+        "pip install 'fusionkit[serve]'.",
+    )
+    serve.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    serve.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="TCP port")
+    serve.add_argument("--max-batch", type=int, default=32,
+                       help="most samples per forward pass (1: no micro-batching)")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0,
+                       help="how long a batch waits for more samples after its first")
+    serve.add_argument("--max-body-mb", type=float, default=20.0,
+                       help="largest request body in MiB (larger: 413)")
+    serve.add_argument("--max-text-chars", type=int, default=10_000,
+                       help="longest text per text input (longer: 400)")
+    serve.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fusionkit.serving.server import ServeOptions, serve
+
+    options = ServeOptions(
+        max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
+        max_text_chars=args.max_text_chars,
+    )
+    serve(args.checkpoint, host=args.host, port=args.port, device=args.device, options=options,
+          log_level="warning" if args.quiet else "info")
+    return 0
+
+
+def _add_export_parser(commands: Any) -> None:
+    """Register ``fusionkit export``: a checkpoint as an ONNX graph with its preprocessing."""
+    export = commands.add_parser(
+        "export", help="export a checkpoint to ONNX (predict/evaluate take the export folder)",
+        description="Export a checkpoint to OUT: model.onnx (tokenised texts and preprocessed "
+        "images to per-task logits and modality weights), export.json, tokenizers. Needs pip "
+        "install 'fusionkit[export]'.",
+    )
+    export.add_argument("--checkpoint", required=True, help="run folder or checkpoint folder")
+    export.add_argument("--format", default="onnx", help="export format (only onnx for now)")
+    export.add_argument("--out", required=True, help="export folder to write")
+    export.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from fusionkit.errors import ConfigError
+    from fusionkit.serving.export import FORMATS, export_onnx
+
+    if args.format not in FORMATS:
+        raise ConfigError(f"--format {args.format!r}: unknown; known: {', '.join(FORMATS)}")
+    out = export_onnx(args.checkpoint, args.out, opset=args.opset)
+    print(f"exported: {out} (model.onnx, export.json)")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from fusionkit.training import Trainer, build_run_config, format_report
     from fusionkit.training.distributed import env_rank
@@ -227,15 +289,23 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from fusionkit.serving.export import is_export_dir
     from fusionkit.training import evaluate_checkpoint, format_report
 
-    report = evaluate_checkpoint(
-        args.checkpoint,
-        args.data,
-        precisions=args.precision,
-        device=args.device,
-        output=args.output,
-    )
+    if is_export_dir(args.checkpoint):
+        from fusionkit.serving import evaluate_export
+
+        report = evaluate_export(
+            args.checkpoint, args.data, precisions=args.precision, output=args.output
+        )
+    else:
+        report = evaluate_checkpoint(
+            args.checkpoint,
+            args.data,
+            precisions=args.precision,
+            device=args.device,
+            output=args.output,
+        )
     if args.json:
         print(json.dumps(report, indent=2))
     else:
@@ -400,6 +470,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "list": _list,
         "data": _data,
         "explain": _explain,
+        "serve": _serve,
+        "export": _export,
     }
     try:
         return handlers[args.command](args)

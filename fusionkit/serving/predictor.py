@@ -21,6 +21,7 @@ from fusionkit.device import resolve_device
 from fusionkit.errors import DataError
 from fusionkit.models import CMACLIP
 from fusionkit.runs import resolve_run_dir
+from fusionkit.serving.export import is_export_dir
 from fusionkit.tasks import MULTI_LABEL_THRESHOLD
 
 if TYPE_CHECKING:
@@ -65,22 +66,34 @@ class Predictor:
     def from_pretrained(
         cls, directory: str | os.PathLike[str], device: str = "auto", batch_size: int = 32
     ) -> Predictor:
-        """Load a checkpoint folder (or a run folder: its ``best/``).
+        """Load a checkpoint folder (or a run folder: its ``best/``), or an ONNX export.
+
+        An export folder (one with ``export.json``, written by
+        :func:`~fusionkit.serving.export_onnx`) gives an
+        :class:`~fusionkit.serving.OnnxPredictor`, with the same ``predict`` and
+        ``predict_manifest``: ``fusionkit predict --checkpoint EXPORT`` works unchanged.
 
         Args:
-            directory: ``run/best``, ``run/last`` or ``run``.
-            device: ``auto``, ``cpu`` or ``cuda``.
+            directory: ``run/best``, ``run/last``, ``run``, or an export folder.
+            device: ``auto``, ``cpu`` or ``cuda`` (an export: ``auto`` or ``cpu``).
             batch_size: Samples per forward pass.
 
         Returns:
             The predictor, using the checkpoint's evaluation image transform.
 
         Raises:
-            CheckpointError: The checkpoint cannot be loaded.
+            CheckpointError: The checkpoint (or export) cannot be loaded.
 
         Examples:
             >>> predictor = Predictor.from_pretrained("runs/quickstart/best")  # doctest: +SKIP
+            >>> type(Predictor.from_pretrained("exports/quickstart")).__name__  # doctest: +SKIP
+            'OnnxPredictor'
         """
+        if is_export_dir(directory):
+            # From the package: onnx_predictor imports this module for the base class.
+            from fusionkit.serving import OnnxPredictor
+
+            return OnnxPredictor.from_pretrained(directory, device=device, batch_size=batch_size)
         dev = resolve_device(device)
         model = CMACLIP.from_pretrained(resolve_run_dir(directory), map_location=dev)
         transforms = {
