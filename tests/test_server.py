@@ -358,3 +358,15 @@ def test_fusionkit_imports_without_fastapi():
                             timeout=120, cwd=REPO)
     assert result.stdout.strip() == "ok", result.stderr
 
+
+
+def test_an_onnx_export_is_served_like_its_checkpoint(checkpoint, predictor, images, tmp_path):
+    from fusionkit.serving.export import export_onnx
+
+    exported = export_onnx(checkpoint, tmp_path / "export")
+    with running_server(exported, tmp_path / "server.log") as (url, _):
+        assert httpx.get(f"{url}/metadata", timeout=10).status_code == 200
+        for sample in SAMPLES[:3]:
+            response = httpx.post(f"{url}/predict", **_form(sample, images), timeout=30)
+            assert response.status_code == 200, response.text
+            _assert_same(response.json(), _expected(predictor, sample, images), tolerance=1e-3)
