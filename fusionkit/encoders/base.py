@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from fusionkit.errors import ShapeError
 
-__all__ = ["EncoderOutput", "check_images"]
+__all__ = ["EncoderOutput", "FreezableEncoder", "check_images"]
 
 
 @dataclass
@@ -60,7 +60,9 @@ class EncoderOutput:
         return self.tokens[rows, self.summary.to(self.tokens.device)]
 
 
-def check_images(images: Any, name: str = "images", shape: str = "(B, C, H, W)") -> None:
+def check_images(
+    images: Any, name: str = "images", shape: str = "(B, C, H, W)", channels: int | None = None
+) -> None:
     """Reject what no vision encoder can use: a non-tensor, a wrong rank, an empty batch or
     image, a non-float dtype, or NaN/inf pixels.
 
@@ -71,6 +73,7 @@ def check_images(images: Any, name: str = "images", shape: str = "(B, C, H, W)")
         images: The argument to check, expected a 4-d float tensor.
         name: The argument name used in messages.
         shape: The expected shape as shown in messages, e.g. ``"(B, 3, H, W)"``.
+        channels: The number of channels the encoder takes, checked when given.
 
     Raises:
         ShapeError: The message names ``name``, the expected shape and what was found.
@@ -89,6 +92,8 @@ def check_images(images: Any, name: str = "images", shape: str = "(B, C, H, W)")
         raise ShapeError(
             f"{name}: expected a non-empty tensor of shape {shape}, got {tuple(images.shape)}"
         )
+    if channels is not None and images.shape[1] != channels:
+        raise ShapeError(f"{name}: expected shape {shape}, got {tuple(images.shape)}")
     if not images.is_floating_point():
         raise ShapeError(
             f"{name}: expected a floating-point tensor of shape {shape}, got dtype {images.dtype}"
@@ -99,3 +104,46 @@ def check_images(images: Any, name: str = "images", shape: str = "(B, C, H, W)")
             f"{name}: {bad} of {images.numel()} values are NaN or infinite; "
             "check the image files and the preprocessing"
         )
+
+
+class FreezableEncoder(nn.Module):
+    """An encoder that can be frozen: no gradient reaches its parameters, and its modules stay
+    in eval mode (batch-norm statistics and dropout fixed) even after ``.train()``.
+
+    Subclasses build their modules, then call `_set_frozen`.
+
+    Attributes:
+        frozen: Whether the encoder is frozen.
+
+    Examples:
+        >>> class Tiny(FreezableEncoder):
+        ...     def __init__(self):
+        ...         super().__init__()
+        ...         self.model = nn.Dropout(0.5)
+        ...         self._set_frozen(True)
+        >>> Tiny().train().model.training
+        False
+    """
+
+    frozen: bool = False
+
+    def _set_frozen(self, freeze: bool) -> None:
+        self.frozen = bool(freeze)
+        if self.frozen:
+            self.requires_grad_(False)
+        self.train()
+
+    def train(self, mode: bool = True) -> FreezableEncoder:
+        """Set training mode; a frozen encoder stays in eval mode.
+
+        Args:
+            mode: Training (``True``) or evaluation (``False``) mode.
+
+        Returns:
+            ``self``.
+        """
+        super().train(mode)
+        if self.frozen:
+            for child in self.children():
+                child.eval()
+        return self

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fusionkit.encoders.base import EncoderOutput, check_images
+from fusionkit.encoders.base import EncoderOutput, FreezableEncoder, check_images
 from fusionkit.encoders.weights import enforce_offline_mode, looks_like_path
 from fusionkit.errors import CheckpointError, ConfigError, FusionkitError, ShapeError
 from fusionkit.registry import register
@@ -326,7 +326,7 @@ def vision_data_config(path: Path, config: Any, family: str) -> dict[str, Any]:
 
 
 @register("vision_encoder", "huggingface")
-class HuggingFaceVisionEncoder(nn.Module):
+class HuggingFaceVisionEncoder(FreezableEncoder):
     """The vision tower of a Hugging Face CLIP or SigLIP folder, as image tokens.
 
     Accepts a folder holding ``CLIPModel`` (its ``vision_model``), ``CLIPVisionModel``,
@@ -409,34 +409,11 @@ class HuggingFaceVisionEncoder(nn.Module):
         self.width = int(tower.config.hidden_size)
         self.num_prefix_tokens = 1 if family == "clip" else 0
         self.data_config = vision_data_config(path, tower.config, family)
-        self.frozen = freeze
-        if freeze:
-            self.model.requires_grad_(False)
-        self.train()
-
-    def train(self, mode: bool = True) -> HuggingFaceVisionEncoder:
-        """Set training mode; a frozen tower stays in eval mode.
-
-        Args:
-            mode: Training (``True``) or evaluation (``False``) mode.
-
-        Returns:
-            ``self``.
-
-        Examples:
-            >>> HuggingFaceVisionEncoder("models/clip", freeze=True).train().model.training
-            False
-        """
-        super().train(mode)
-        if self.frozen:
-            self.model.eval()
-        return self
+        self._set_frozen(freeze)
 
     def _check_images(self, images: Tensor) -> None:
         expected = f"(B, {self.in_chans}, H, W)"
-        check_images(images, shape=expected)
-        if images.shape[1] != self.in_chans:
-            raise ShapeError(f"images: expected shape {expected}, got {tuple(images.shape)}")
+        check_images(images, shape=expected, channels=self.in_chans)
         size = int(self.model.config.image_size)
         if not self.interpolate_pos_encoding and tuple(images.shape[2:]) != (size, size):
             raise ShapeError(

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fusionkit.encoders.base import EncoderOutput, check_images
+from fusionkit.encoders.base import EncoderOutput, FreezableEncoder, check_images
 from fusionkit.encoders.open_clip_loading import (
     TEXT_PARTS,
     clear_cache,
@@ -41,37 +41,18 @@ _OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # ("center" at crop_pct 1); squash: resize both sides; longest: resize the long side and pad
 # ("border", which pads with the mean colour where open_clip pads with black).
 _CROP_MODES = {"shortest": "center", "squash": "squash", "longest": "border"}
-class _Tower(nn.Module):
+class _Tower(FreezableEncoder):
     """What both towers share: freezing, and ``embed_dim`` from the head."""
 
-    frozen: bool
     width: int
 
     def _finish(self, freeze: bool) -> None:
-        self.frozen = bool(freeze)
-        if freeze:
-            self.requires_grad_(False)
         with torch.no_grad():
             self.embed_dim = int(self.project(torch.zeros(1, self.width)).shape[-1])
-        self.train()
+        self._set_frozen(freeze)
 
     def project(self, pooled: Tensor) -> Tensor:
         raise NotImplementedError
-
-    def train(self, mode: bool = True) -> _Tower:
-        """Set training mode; a frozen tower stays in eval mode.
-
-        Args:
-            mode: Training (``True``) or evaluation (``False``) mode.
-
-        Returns:
-            ``self``.
-        """
-        super().train(mode)
-        if self.frozen:
-            for child in self.children():
-                child.eval()
-        return self
 
 
 def _data_config(preprocess: Mapping[str, Any], image_size: tuple[int, ...]) -> dict[str, Any]:

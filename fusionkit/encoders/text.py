@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from fusionkit.encoders.base import EncoderOutput
+from fusionkit.encoders.base import EncoderOutput, FreezableEncoder
 from fusionkit.encoders.hf_clip import TEXT_POOLING, encode_text_tower, load_hf_model, text_tower
 from fusionkit.encoders.weights import enforce_offline_mode, resolve_text_model_path
 from fusionkit.errors import CheckpointError, ConfigError, ShapeError
@@ -81,7 +81,7 @@ def check_texts(texts: Sequence[str | None]) -> list[str | None]:
     return list(texts)
 
 
-class BaseTextEncoder(nn.Module):
+class BaseTextEncoder(FreezableEncoder):
     """Shared behaviour of the text adapters: tokenizing, masking, freezing.
 
     Subclasses build a Hugging Face transformer and its tokenizer, register the module that
@@ -143,28 +143,7 @@ class BaseTextEncoder(nn.Module):
             raise ConfigError(
                 f"max_length={self.max_length} exceeds the model's {limit} position embeddings"
             )
-        if self.frozen:
-            self.requires_grad_(False)
-        self.train()
-
-    def train(self, mode: bool = True) -> BaseTextEncoder:
-        """Set training mode; a frozen model stays in eval mode.
-
-        Args:
-            mode: Training (``True``) or evaluation (``False``) mode.
-
-        Returns:
-            ``self``.
-
-        Examples:
-            >>> encoder.train().transformer.training == (not encoder.frozen)
-            True
-        """
-        super().train(mode)
-        if self.frozen:
-            for child in self.children():
-                child.eval()
-        return self
+        self._set_frozen(self.frozen)
 
     def tokenize(self, texts: Sequence[str | None]) -> dict[str, Tensor]:
         """Tokenize a batch, padding as `padding` says and truncating at ``max_length``.

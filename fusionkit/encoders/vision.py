@@ -10,9 +10,9 @@ import os
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from fusionkit.encoders.base import EncoderOutput, check_images
+from fusionkit.encoders.base import EncoderOutput, FreezableEncoder, check_images
 from fusionkit.encoders.weights import OFFLINE_VISION_WEIGHTS, load_vision_weights
 from fusionkit.errors import ConfigError, ShapeError, did_you_mean
 from fusionkit.registry import register
@@ -21,7 +21,7 @@ __all__ = ["TimmVisionEncoder"]
 
 
 @register("vision_encoder", "timm")
-class TimmVisionEncoder(nn.Module):
+class TimmVisionEncoder(FreezableEncoder):
     """A timm backbone that returns image tokens.
 
     The classifier is never built (``num_classes=0``): classification lives in the heads.
@@ -119,34 +119,10 @@ class TimmVisionEncoder(nn.Module):
             size = timm_kwargs["img_size"]
             height, width = (size, size) if isinstance(size, int) else tuple(size)
             self.data_config["input_size"] = (self.in_chans, height, width)
-        self.frozen = freeze
-        if freeze:
-            self.model.requires_grad_(False)
-        self.train()
-
-    def train(self, mode: bool = True) -> TimmVisionEncoder:
-        """Set training mode; a frozen backbone stays in eval mode.
-
-        Args:
-            mode: Training (``True``) or evaluation (``False``) mode.
-
-        Returns:
-            ``self``.
-
-        Examples:
-            >>> TimmVisionEncoder("resnet18", freeze=True).train().model.training
-            False
-        """
-        super().train(mode)
-        if self.frozen:
-            self.model.eval()
-        return self
+        self._set_frozen(freeze)
 
     def _check_images(self, images: Tensor) -> None:
-        expected = f"(B, {self.in_chans}, H, W)"
-        check_images(images, shape=expected)
-        if images.shape[1] != self.in_chans:
-            raise ShapeError(f"images: expected shape {expected}, got {tuple(images.shape)}")
+        check_images(images, shape=f"(B, {self.in_chans}, H, W)", channels=self.in_chans)
         weight = next(self.model.parameters(), None)
         if weight is None:
             return
