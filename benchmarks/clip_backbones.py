@@ -18,12 +18,13 @@ import json
 import os
 import platform
 import resource
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchmarks.harness import median_seconds
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -45,16 +46,6 @@ MODELS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     ),
 }
 TITLE = "navy blue striped cotton summer dress with short sleeves and a belt"
-
-
-def _median_seconds(fn: Any, rounds: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def measure(name: str, batch: int, rounds: int) -> dict[str, Any]:
@@ -93,8 +84,8 @@ def measure(name: str, batch: int, rounds: int) -> dict[str, Any]:
     return {
         "params": sum(p.numel() for p in model.parameters()) / 1e6,
         "build_s": build,
-        "forward_s": _median_seconds(forward, rounds),
-        "train_step_s": _median_seconds(train_step, rounds),
+        "forward_s": median_seconds(forward, rounds),
+        "train_step_s": median_seconds(train_step, rounds),
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
 

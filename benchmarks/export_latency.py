@@ -15,12 +15,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from benchmarks.harness import median_seconds
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -33,16 +34,6 @@ TITLES = (
     "plain white shirt with a round collar",
     "green floral scarf in light silk",
 )
-
-
-def _median_seconds(fn: Callable[[], Any], rounds: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(rounds):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
 
 
 def measure(rounds: int, big_rounds: int, big_batch: int) -> dict[str, Any]:
@@ -80,8 +71,8 @@ def measure(rounds: int, big_rounds: int, big_batch: int) -> dict[str, Any]:
         one, big = batch(1), batch(big_batch)
         with torch.inference_mode():
             for name, run in engines.items():
-                latency = _median_seconds(lambda run=run: run(one), rounds)
-                seconds = _median_seconds(lambda run=run: run(big), big_rounds)
+                latency = median_seconds(lambda run=run: run(one), rounds)
+                seconds = median_seconds(lambda run=run: run(big), big_rounds)
                 rows[name] = {"latency_ms": latency * 1000, "throughput": big_batch / seconds}
                 print(name, rows[name], flush=True)
             eager_out, onnx_out = eager_model(inputs=big), onnx_model(big)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +71,22 @@ def _cuda_peak_memory(fn: Callable[[], object]) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
+
+
+def median_seconds(fn: Callable[[], Any], rounds: int) -> float:
+    """The median wall time of ``rounds`` calls of ``fn``, after one warm-up call.
+
+    Examples:
+        >>> median_seconds(lambda: None, 3) >= 0
+        True
+    """
+    fn()  # warm-up
+    times = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
 
 
 def measure_peak_memory(fn: Callable[[], object], device: str) -> int:

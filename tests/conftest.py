@@ -191,3 +191,26 @@ def tiny_open_clip(tmp_path_factory):
     pytest.importorskip("open_clip")
     path = write_tiny_open_clip(tmp_path_factory.mktemp("tiny-open-clip"))
     return TINY_OPEN_CLIP_NAME, path
+
+
+#: The tasks of `save_tiny_image_text_model`.
+TINY_TASKS = {"color": {"classes": ["blue", "red"]},
+              "pattern": {"classes": ["plain", "striped", "floral"], "multi_label": True}}
+
+
+def save_tiny_image_text_model(folder, tiny_bert_dir):
+    """Save a tiny random shorthand image + text CMA-CLIP (timm's test_efficientnet at 32 px and
+    the tiny BERT, tasks `TINY_TASKS`) to ``folder``; the folder."""
+    from fusionkit.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model({
+        "vision": {"name": "timm", "model_name": "test_efficientnet", "pretrained": False},
+        "text": {"name": "huggingface", "model_name_or_path": str(tiny_bert_dir),
+                 "max_length": 16},
+        "fusion": {"dim": 32, "sequence": {"name": "transformer", "heads": 2}},
+        "head": {"name": "mlp", "hidden_dim": 32},
+        "tasks": TINY_TASKS,
+        "image_size": 32,
+    })
+    return model.save_pretrained(folder)

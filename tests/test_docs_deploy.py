@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TASKS, save_tiny_image_text_model
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -32,14 +33,12 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("python_multipart")
 
 from fusionkit.cli import build_parser
-from fusionkit.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "deploy.md"
 CURL = shutil.which("curl")
 HOST = "localhost:8000"
-TASKS = {"color": {"classes": ["blue", "red"]},
-         "pattern": {"classes": ["plain", "striped", "floral"], "multi_label": True}}
+TASKS = TINY_TASKS
 
 BLOCK = re.compile(
     r"^<!-- (?P<kind>curl|answer) -->\n```(?P<lang>[\w-]*)[^\n]*\n(?P<body>.*?)^```[ \t]*$",
@@ -80,18 +79,8 @@ def server(tmp_path_factory, tiny_bert_dir):
     """``python -m fusionkit serve`` on a tiny image + text model; yields ``host:port``."""
     if CURL is None:
         pytest.skip("curl is not installed (apt-get install curl); the curl examples are not run")
-    torch.manual_seed(0)
-    model = build_model({
-        "vision": {"name": "timm", "model_name": "test_efficientnet", "pretrained": False},
-        "text": {"name": "huggingface", "model_name_or_path": str(tiny_bert_dir),
-                 "max_length": 16},
-        "fusion": {"dim": 32, "sequence": {"name": "transformer", "heads": 2}},
-        "head": {"name": "mlp", "hidden_dim": 32},
-        "tasks": TASKS,
-        "image_size": 32,
-    })
     folder = tmp_path_factory.mktemp("deploy")
-    model.save_pretrained(folder / "model")
+    save_tiny_image_text_model(folder / "model", tiny_bert_dir)
     port = _free_port()
     log = folder / "server.log"
     with log.open("w") as out:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_TASKS, save_tiny_image_text_model
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -26,13 +27,11 @@ httpx = pytest.importorskip("httpx")
 
 from fusionkit.cli import main  # noqa: E402
 from fusionkit.errors import MissingDependencyError  # noqa: E402
-from fusionkit.models import build_model  # noqa: E402
 from fusionkit.serving import Predictor  # noqa: E402
 from fusionkit.serving.batching import MicroBatcher  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-TASKS = {"color": {"classes": ["blue", "red"]},
-         "pattern": {"classes": ["plain", "striped", "floral"], "multi_label": True}}
+TASKS = TINY_TASKS
 #: (text, image number or None) per sample; a text-only and an image-only sample among them.
 SAMPLES = [("a red shirt", 0), ("the blue bag", 1), ("striped dress on the mat", None),
            (None, 2), ("green plain dress", 3), ("a cat sits", 0), ("blue striped", 2),
@@ -42,19 +41,7 @@ SAMPLES = [("a red shirt", 0), ("the blue bag", 1), ("striped dress on the mat",
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tiny_bert_dir):
     """A tiny shorthand image + text model (tiny BERT, timm's test_efficientnet) on disk."""
-    torch.manual_seed(0)
-    model = build_model({
-        "vision": {"name": "timm", "model_name": "test_efficientnet", "pretrained": False},
-        "text": {"name": "huggingface", "model_name_or_path": str(tiny_bert_dir),
-                 "max_length": 16},
-        "fusion": {"dim": 32, "sequence": {"name": "transformer", "heads": 2}},
-        "head": {"name": "mlp", "hidden_dim": 32},
-        "tasks": TASKS,
-        "image_size": 32,
-    })
-    folder = tmp_path_factory.mktemp("serve") / "model"
-    model.save_pretrained(folder)
-    return folder
+    return save_tiny_image_text_model(tmp_path_factory.mktemp("serve") / "model", tiny_bert_dir)
 
 
 @pytest.fixture(scope="module")
