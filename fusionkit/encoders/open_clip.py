@@ -28,7 +28,7 @@ from fusionkit.encoders.open_clip_loading import (
     import_open_clip,
     take_tower,
 )
-from fusionkit.encoders.text import PRESENT_KEY, check_texts
+from fusionkit.encoders.text import PRESENT_KEY, check_text_inputs, check_texts
 from fusionkit.errors import ConfigError, ShapeError
 from fusionkit.registry import register
 
@@ -310,18 +310,13 @@ class OpenCLIPTextEncoder(_Tower):
             raise ShapeError(f"give exactly one of texts or text_inputs; got {given}")
         if texts is not None:
             return self.tokenize(texts)
-        if not isinstance(text_inputs, Mapping) or "input_ids" not in text_inputs:
-            raise ShapeError("text_inputs: expected a mapping with 'input_ids'; use tokenize()")
-        inputs, ids = dict(text_inputs), text_inputs["input_ids"]
-        if not isinstance(ids, Tensor) or ids.ndim != 2 or ids.is_floating_point():
+        inputs = check_text_inputs(text_inputs, required=("input_ids",))
+        ids = inputs["input_ids"]
+        if ids.is_floating_point():
             raise ShapeError("text_inputs['input_ids']: expected an integer tensor (B, T)")
         if ids.shape[1] > self.context_length:
             raise ShapeError(f"text_inputs: {ids.shape[1]} tokens exceed {self.context_length}")
         inputs.setdefault("attention_mask", torch.ones_like(ids))
-        for key, value in inputs.items():
-            shape = tuple(ids.shape[:1] if key == PRESENT_KEY else ids.shape)
-            if not isinstance(value, Tensor) or tuple(value.shape) != shape:
-                raise ShapeError(f"text_inputs[{key!r}]: expected a tensor of shape {shape}")
         return inputs
 
     def forward(

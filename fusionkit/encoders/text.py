@@ -32,6 +32,7 @@ __all__ = [
     "BaseTextEncoder",
     "HuggingFaceTextEncoder",
     "SentenceTransformersTextEncoder",
+    "check_text_inputs",
     "check_texts",
 ]
 
@@ -79,6 +80,45 @@ def check_texts(texts: Sequence[str | None]) -> list[str | None]:
                     f"{error.start}); decode the source as UTF-8"
                 ) from None
     return list(texts)
+
+
+def check_text_inputs(
+    text_inputs: Mapping[str, Tensor], required: Sequence[str] = ("input_ids", "attention_mask")
+) -> dict[str, Tensor]:
+    """Validate pre-tokenised texts: ``(B, T)`` tensors (``(B,)`` for `PRESENT_KEY`).
+
+    Args:
+        text_inputs: A text encoder's ``tokenize`` output.
+        required: Keys that must be present (``input_ids`` always is).
+
+    Returns:
+        A copy of ``text_inputs`` as a dict.
+
+    Raises:
+        ShapeError: Not a mapping, a required key missing, or a value of another shape.
+    """
+    if not isinstance(text_inputs, Mapping):
+        raise ShapeError(
+            f"text_inputs: expected a mapping of tensors, got {type(text_inputs).__name__}"
+        )
+    for key in required:
+        if key not in text_inputs:
+            raise ShapeError(f"text_inputs: missing {key!r}; use tokenize() to build it")
+    shape = getattr(text_inputs["input_ids"], "shape", ())
+    if len(shape) != 2:
+        raise ShapeError(f"text_inputs['input_ids']: expected shape (B, T), got {tuple(shape)}")
+    for key, value in text_inputs.items():
+        expected = shape[:1] if key == PRESENT_KEY else shape
+        if not isinstance(value, Tensor):
+            raise ShapeError(
+                f"text_inputs[{key!r}]: expected a tensor, got {type(value).__name__}"
+            )
+        if value.shape != expected:
+            raise ShapeError(
+                f"text_inputs[{key!r}]: expected shape {tuple(expected)}, "
+                f"got {tuple(value.shape)}"
+            )
+    return dict(text_inputs)
 
 
 class BaseTextEncoder(FreezableEncoder):
@@ -176,30 +216,6 @@ class BaseTextEncoder(FreezableEncoder):
         inputs[PRESENT_KEY] = torch.tensor([text is not None for text in checked])
         return inputs
 
-    def _check_text_inputs(self, text_inputs: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        if not isinstance(text_inputs, Mapping):
-            raise ShapeError(
-                f"text_inputs: expected a mapping of tensors, got {type(text_inputs).__name__}"
-            )
-        for key in ("input_ids", "attention_mask"):
-            if key not in text_inputs:
-                raise ShapeError(f"text_inputs: missing {key!r}; use tokenize() to build it")
-        shape = getattr(text_inputs["input_ids"], "shape", ())
-        if len(shape) != 2:
-            raise ShapeError(f"text_inputs['input_ids']: expected shape (B, T), got {tuple(shape)}")
-        for key, value in text_inputs.items():
-            expected = shape[:1] if key == PRESENT_KEY else shape
-            if not isinstance(value, Tensor):
-                raise ShapeError(
-                    f"text_inputs[{key!r}]: expected a tensor, got {type(value).__name__}"
-                )
-            if value.shape != expected:
-                raise ShapeError(
-                    f"text_inputs[{key!r}]: expected shape {tuple(expected)}, "
-                    f"got {tuple(value.shape)}"
-                )
-        return dict(text_inputs)
-
     def forward(
         self,
         texts: Sequence[str | None] | None = None,
@@ -229,7 +245,7 @@ class BaseTextEncoder(FreezableEncoder):
         if texts is not None and text_inputs is None:
             inputs = self.tokenize(texts)
         elif text_inputs is not None and texts is None:
-            inputs = self._check_text_inputs(text_inputs)
+            inputs = check_text_inputs(text_inputs)
         else:
             given = "both" if texts is not None else "neither"
             raise ShapeError(f"give exactly one of texts or text_inputs; got {given}")
