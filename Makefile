@@ -6,7 +6,7 @@ STAMP := $(VENV)/.fusionkit-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test lint bench bench-gpu bench-report docs docs-serve clean
+.PHONY: setup demo test lint bench bench-gpu bench-report gpu-check docs docs-serve clean
 
 setup: $(STAMP)
 
@@ -47,6 +47,15 @@ bench-gpu: setup
 	$(PY) -m pytest benchmarks $(BENCH_FLAGS) --bench-device=cuda \
 		--benchmark-json=.benchmarks/gpu.json
 	$(MAKE) bench-report
+
+# Everything to check on a CUDA GPU, in at most 8 minutes: the CUDA tests (real xformers against
+# math), a short bf16 training run of the quickstart on xformers, the benchmarks on the reduced
+# grid; logs, JSON and reports into gpu-check/ (docs/gpu.md). Without CUDA it stops at once,
+# before any setup.
+gpu-check:
+	@$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m benchmarks.gpu_check --preflight
+	@$(MAKE) --no-print-directory setup
+	$(PY) -m benchmarks.gpu_check
 
 # One report from every run present (CPU and GPU side by side).
 bench-report: setup

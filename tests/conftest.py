@@ -214,3 +214,110 @@ def save_tiny_image_text_model(folder, tiny_bert_dir):
         "image_size": 32,
     })
     return model.save_pretrained(folder)
+
+
+# xformers without a GPU --------------------------------------------------------------------
+
+#: Row alignment, in elements, of a tensor ``attn_bias`` for xformers' CUDA kernels: every
+#: stride but the last a multiple of it (16 bytes in 16-bit dtypes; the emulation asks it of
+#: every dtype, as fusionkit's bias buffer provides).
+XFORMERS_BIAS_ALIGNMENT = 8
+
+
+def reference_memory_efficient_attention(
+    query, key, value, attn_bias=None, p=0.0, scale=None, *, op=None, output_dtype=None
+):
+    """Plain-PyTorch stand-in for ``xformers.ops.memory_efficient_attention``.
+
+    Takes what the kernel takes, ``(B, M, H, K)`` tensors and an ``attn_bias`` that is a
+    tensor of shape ``(B, H, Mq, Mk)`` or an xformers ``AttentionBias`` (materialised with
+    ``.materialize``), and computes ``softmax(q kᵀ · scale + bias) v`` in float32. It refuses
+    what the CUDA kernels refuse: other ranks or shapes, mixed dtypes, a bias tensor of
+    another dtype or with rows that are not `XFORMERS_BIAS_ALIGNMENT`-aligned in memory, a
+    block-diagonal bias with a batch other than 1. A query row whose keys are all masked
+    comes out NaN: the kernel leaves it undefined, so callers must never produce one.
+    """
+    import torch.nn.functional as F
+    from xformers.ops import fmha
+
+    qkv = (query, key, value)
+    if any(t.dim() != 4 for t in qkv):
+        raise ValueError(f"query, key and value must be (B, M, H, K), got ranks "
+                         f"{[t.dim() for t in qkv]}")
+    if not query.dtype == key.dtype == value.dtype:
+        raise ValueError(f"query, key and value dtypes differ: {[t.dtype for t in qkv]}")
+    batch, q_len, heads, head_dim = query.shape
+    k_len = key.shape[1]
+    if tuple(key.shape) != (batch, k_len, heads, head_dim) or value.shape[:3] != key.shape[:3]:
+        raise ValueError(f"shapes do not match: query {tuple(query.shape)}, key "
+                         f"{tuple(key.shape)}, value {tuple(value.shape)}")
+    bias_shape = (batch, heads, q_len, k_len)
+    if attn_bias is None:
+        bias = None
+    elif isinstance(attn_bias, torch.Tensor):
+        if tuple(attn_bias.shape) != bias_shape:
+            raise ValueError(f"attn_bias has shape {tuple(attn_bias.shape)}, "
+                             f"expected {bias_shape}")
+        if attn_bias.dtype != query.dtype:
+            raise ValueError(f"attn_bias is {attn_bias.dtype}, the query {query.dtype}")
+        strides = attn_bias.stride()
+        if strides[-1] != 1 or any(s % XFORMERS_BIAS_ALIGNMENT for s in strides[:-1]):
+            raise ValueError(f"attn_bias strides {strides}: the last must be 1 and the others "
+                             f"multiples of {XFORMERS_BIAS_ALIGNMENT}")
+        bias = attn_bias.float()
+    elif isinstance(attn_bias, fmha.attn_bias.AttentionBias):
+        if isinstance(attn_bias, fmha.BlockDiagonalMask) and batch != 1:
+            raise ValueError(f"a block-diagonal bias needs batch 1, got {batch}")
+        bias = attn_bias.materialize(bias_shape, dtype=torch.float32, device=query.device)
+    else:
+        raise TypeError(f"attn_bias must be a tensor or an AttentionBias, got {type(attn_bias)}")
+    scale = head_dim**-0.5 if scale is None else scale
+    scores = torch.einsum("bqhk,bmhk->bhqm", query.float(), key.float()) * scale
+    if bias is not None:
+        scores = scores + bias
+    probs = scores.softmax(-1)
+    if p > 0:
+        probs = F.dropout(probs, p)
+    out = torch.einsum("bhqm,bmhk->bqhk", probs, value.float())
+    return out.to(output_dtype or query.dtype)
+
+
+def watch_xformers(monkeypatch, kernel) -> list[str]:
+    """Put ``kernel`` in place of ``memory_efficient_attention`` (``xformers.ops`` and
+    ``xformers.ops.fmha``); returns the list it appends each call's bias type name to."""
+    import xformers.ops
+    from xformers.ops import fmha
+
+    calls: list[str] = []
+
+    def watched(query, key, value, attn_bias=None, p=0.0, scale=None, **kwargs):
+        calls.append(type(attn_bias).__name__)
+        return kernel(query, key, value, attn_bias=attn_bias, p=p, scale=scale, **kwargs)
+
+    monkeypatch.setattr(xformers.ops, "memory_efficient_attention", watched)
+    monkeypatch.setattr(fmha, "memory_efficient_attention", watched)
+    return calls
+
+
+@pytest.fixture
+def emulated_xformers(monkeypatch) -> list[str]:
+    """Let the xformers backend run on CPU through `reference_memory_efficient_attention`.
+
+    The reference replaces xformers' kernel and ``"cpu"`` joins
+    ``fusionkit.attention.functional.XFORMERS_EMULATED_DEVICES``, so ``backend="xformers"``
+    (and ``auto``) runs fusionkit's own xformers code on CPU tensors. Returns the bias type
+    name of every kernel call (see `watch_xformers`).
+    """
+    from fusionkit.attention import functional
+
+    calls = watch_xformers(monkeypatch, reference_memory_efficient_attention)
+    monkeypatch.setattr(functional, "XFORMERS_EMULATED_DEVICES", frozenset({"cpu"}))
+    return calls
+
+
+def pytest_collection_modifyitems(items) -> None:
+    # A case parametrised with the device "cuda" belongs to the CUDA subset (`-m cuda`).
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if any(isinstance(value, str) and value == "cuda" for value in params.values()):
+            item.add_marker(pytest.mark.cuda)

@@ -4,6 +4,11 @@
 probabilities); ``sdpa`` is ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels
 on CPU and CUDA); ``xformers`` is ``xformers.ops.memory_efficient_attention`` (CUDA only).
 xformers is imported lazily, on the first CUDA call, so CPU users never pay for it.
+
+The code around the xformers kernel (the 8-aligned bias buffer here, the block-diagonal masks
+of `fusionkit.attention.packing`) can be tested without a GPU: a test suite that replaces
+``memory_efficient_attention`` with a plain reference adds ``"cpu"`` to
+`XFORMERS_EMULATED_DEVICES` for the duration of the test (see ``docs/gpu.md``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,10 @@ __all__ = [
 Backend = Literal["auto", "xformers", "sdpa", "math"]
 BACKENDS: tuple[str, ...] = ("xformers", "sdpa", "math")
 _XFORMERS_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+#: Device types on which the xformers backend may run besides CUDA, where an emulated kernel
+#: stands in for xformers' CUDA kernels. Empty in use; fusionkit's tests add ``"cpu"`` while
+#: they replace ``xformers.ops.memory_efficient_attention`` with a plain reference.
+XFORMERS_EMULATED_DEVICES: frozenset[str] = frozenset()
 
 
 @functools.cache
@@ -50,10 +59,16 @@ def xformers_unavailable_reason(tensor: Tensor) -> str | None:
         tensor: A query tensor; its device and dtype decide.
 
     Returns:
-        A one-line reason, or ``None`` when xformers can run.
+        A one-line reason, or ``None`` when xformers can run (on CUDA, or on a device of
+        `XFORMERS_EMULATED_DEVICES`).
+
+    Examples:
+        >>> xformers_unavailable_reason(torch.zeros(1))
+        'xformers kernels run on CUDA only and the tensors are on cpu'
     """
-    if tensor.device.type != "cuda":
-        return f"xformers kernels run on CUDA only and the tensors are on {tensor.device.type}"
+    device = tensor.device.type
+    if device != "cuda" and device not in XFORMERS_EMULATED_DEVICES:
+        return f"xformers kernels run on CUDA only and the tensors are on {device}"
     if tensor.dtype not in _XFORMERS_DTYPES:
         return f"xformers supports float16, bfloat16 and float32, not {tensor.dtype}"
     return _xformers_import_error()
