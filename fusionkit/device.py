@@ -8,7 +8,7 @@ import torch
 
 from fusionkit.errors import ConfigError
 
-__all__ = ["autocast", "resolve_device", "resolve_precision"]
+__all__ = ["autocast", "inference_dtype", "resolve_device", "resolve_precision"]
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -65,6 +65,32 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     if precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else None
     return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def inference_dtype(precision: str, device: torch.device | str) -> torch.dtype | None:
+    """The autocast dtype that evaluation and prediction use for a run's ``train.precision``.
+
+    As in training (see :func:`resolve_precision`): ``auto`` is bfloat16
+    on CUDA and float32 on CPU, ``bf16`` is bfloat16 everywhere. A run trained in ``fp16``
+    (CUDA only) is evaluated in float32 on a CPU instead of failing.
+
+    Args:
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        device: Where the model runs.
+
+    Returns:
+        ``torch.bfloat16``, ``torch.float16`` or ``None`` (float32).
+
+    Examples:
+        >>> inference_dtype("fp16", "cpu") is None
+        True
+        >>> inference_dtype("bf16", "cpu")
+        torch.bfloat16
+    """
+    device = torch.device(device)
+    if precision == "fp16" and device.type != "cuda":
+        return None
+    return resolve_precision(precision, device)
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None) -> Any:

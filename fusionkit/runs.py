@@ -44,6 +44,7 @@ from fusionkit.errors import CheckpointError
 from fusionkit.io import (
     atomic_write,
     load_weights,
+    read_yaml,
     verify_checksums,
     write_checksums,
     write_json,
@@ -67,6 +68,7 @@ __all__ = [
     "resolve_run_dir",
     "run_config_path",
     "run_folder",
+    "run_precision",
     "save_checkpoint",
 ]
 
@@ -288,3 +290,25 @@ def run_folder(checkpoint: str | os.PathLike[str]) -> Path:
     """
     folder = Path(checkpoint)
     return folder.parent if folder.name in (BEST, LAST) else folder
+
+
+def run_precision(checkpoint: str | os.PathLike[str]) -> str:
+    """The ``train.precision`` of the run that wrote ``checkpoint`` (``auto`` if unknown).
+
+    Args:
+        checkpoint: A checkpoint folder or a run folder.
+
+    Returns:
+        ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+
+    Examples:
+        >>> run_precision("runs/quickstart/best")  # doctest: +SKIP
+        'auto'
+    """
+    folder = resolve_run_dir(checkpoint)
+    for path in (run_config_path(folder), folder / CONFIG_FILE):
+        if path.is_file():
+            section = read_yaml(path).get("train")
+            if isinstance(section, Mapping) and isinstance(section.get("precision"), str):
+                return str(section["precision"])
+    return "auto"

@@ -14,6 +14,7 @@ train:
   lr_backbone: 1.0e-5
   cache_features: auto                     # frozen backbones: encode once, reuse every epoch
   precision: auto                          # bf16 autocast on CUDA, fp32 on CPU
+  strategy: ddp                            # or fsdp: shard the model under torchrun
 ```
 
 `RunConfig` keeps the three apart: a checkpoint stores the model config alone (with the
@@ -98,6 +99,17 @@ class TrainConfig(Section):
             (autocast on CUDA or CPU) or ``fp16`` (autocast with a gradient scaler; CUDA only).
         compile: ``torch.compile`` the fusion layers and heads; if compiling fails, a warning
             is logged and training goes on eagerly.
+        strategy: How ``torchrun`` processes share the model: ``ddp`` replicates it and
+            averages gradients; ``fsdp`` shards parameters, gradients and optimizer states
+            with FSDP2 (``fully_shard`` per backbone block and fusion layer, then the whole
+            model) and gathers full weights on rank 0 for every checkpoint. One process
+            trains the same either way (see :mod:`fusionkit.training.sharding`).
+        activation_checkpointing: Recompute the activations of every block of the trainable
+            backbones in the backward pass instead of keeping them: less memory, about a
+            third more backbone compute, the same gradients.
+        channels_last: Run CNN backbones in ``channels_last`` memory format: ``auto`` on
+            CUDA only (faster convolutions on tensor cores), ``true`` everywhere, ``false``
+            never. Outputs are the same up to float rounding.
         seed: Seed of model init, shuffling, dropout and augmentation.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         class_weight: ``balanced`` weights every task's loss by inverse class frequency.
@@ -140,6 +152,9 @@ class TrainConfig(Section):
     grad_clip: Rate = 1.0
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    activation_checkpointing: bool = False
+    channels_last: bool | Literal["auto"] = "auto"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     class_weight: Literal["none", "balanced"] = "none"

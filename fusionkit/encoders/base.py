@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fusionkit.errors import ShapeError
 
-__all__ = ["EncoderOutput", "FreezableEncoder", "check_images"]
+__all__ = ["EncoderOutput", "FreezableEncoder", "backbone_blocks", "check_images"]
 
 
 @dataclass
@@ -104,6 +104,47 @@ def check_images(
             f"{name}: {bad} of {images.numel()} values are NaN or infinite; "
             "check the image files and the preprocessing"
         )
+
+
+def backbone_blocks(module: nn.Module, minimum: int = 2) -> list[nn.Module]:
+    """The repeated blocks of a backbone: the units FSDP shards and activation checkpointing
+    recomputes.
+
+    A block list is an ``nn.ModuleList`` or ``nn.Sequential`` of at least ``minimum`` children
+    of one class, each holding parameters: a timm ViT's ``blocks``, a ResNet's ``layer1`` to
+    ``layer4``, an EfficientNet's or ConvNeXt's stages, a BERT's ``encoder.layer``, a CLIP
+    tower's ``resblocks``. The outermost such lists are taken, in module order; blocks nested inside
+    a taken block are not listed again.
+
+    Args:
+        module: An encoder (or any module).
+        minimum: The fewest children a block list has (1 takes a fusion's single layer).
+
+    Returns:
+        The blocks; empty when the module has no block list.
+
+    Examples:
+        >>> backbone_blocks(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)))[1]
+        Linear(in_features=2, out_features=2, bias=True)
+        >>> backbone_blocks(nn.Linear(2, 2))
+        []
+    """
+    found: list[nn.Module] = []
+    taken: list[str] = []
+    for name, child in module.named_modules():
+        if any(name.startswith(prefix) for prefix in taken):
+            continue
+        if not isinstance(child, (nn.ModuleList, nn.Sequential)):
+            continue
+        members = list(child.children())
+        if (
+            len(members) >= minimum
+            and len({type(m) for m in members}) == 1
+            and all(any(True for _ in m.parameters()) for m in members)
+        ):
+            found.extend(members)
+            taken.append(f"{name}.")
+    return found
 
 
 class FreezableEncoder(nn.Module):

@@ -47,6 +47,8 @@ class TimmVisionEncoder(FreezableEncoder):
         data_config: Preprocessing of the backbone: ``input_size``, ``mean``, ``std``,
             ``interpolation``, ``crop_pct`` (and ``crop_mode``).
         frozen: Whether the backbone is frozen.
+        channels_last: Whether images and convolution weights run in ``channels_last``
+            memory format (see `use_channels_last`).
 
     Note:
         A few timm models keep layers that only their classifier path uses (``convnext``'s
@@ -121,6 +123,35 @@ class TimmVisionEncoder(FreezableEncoder):
             self.data_config["input_size"] = (self.in_chans, height, width)
         self._set_frozen(freeze)
 
+    channels_last: bool = False
+
+    @property
+    def convolutional(self) -> bool:
+        """A CNN (no patch embedding): the kind of backbone ``channels_last`` speeds up on CUDA."""
+        return not hasattr(self.model, "patch_embed")
+
+    def use_channels_last(self, enabled: bool = True) -> TimmVisionEncoder:
+        """Keep the weights, and convert every image batch, to ``channels_last`` memory format.
+
+        The layout is NHWC in memory, the shape stays ``(B, C, H, W)``: tokens equal those of
+        the default layout up to float rounding. cuDNN's tensor-core convolutions want it.
+
+        Args:
+            enabled: ``False`` goes back to the default (contiguous) format.
+
+        Returns:
+            ``self``.
+
+        Examples:
+            >>> encoder = TimmVisionEncoder("resnet18").use_channels_last()
+            >>> encoder.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+            True
+        """
+        self.channels_last = bool(enabled)
+        layout = torch.channels_last if enabled else torch.contiguous_format
+        self.model.to(memory_format=layout)
+        return self
+
     def _check_images(self, images: Tensor) -> None:
         check_images(images, shape=f"(B, {self.in_chans}, H, W)", channels=self.in_chans)
         weight = next(self.model.parameters(), None)
@@ -175,6 +206,8 @@ class TimmVisionEncoder(FreezableEncoder):
             torch.Size([1, 17, 192])
         """
         self._check_images(images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         try:
             features = self.model.forward_features(images)
         except (AssertionError, ValueError) as error:

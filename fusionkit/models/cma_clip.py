@@ -390,7 +390,11 @@ class CMACLIP(nn.Module):
         ]
 
     def save_pretrained(
-        self, directory: str | os.PathLike[str], *, include_frozen: bool = True
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        include_frozen: bool = True,
+        state_dict: Mapping[str, Tensor] | None = None,
     ) -> Path:
         """Write ``config.yaml``, ``model.safetensors`` and ``checksums.json`` into
         ``directory``, each file atomically.
@@ -403,15 +407,16 @@ class CMACLIP(nn.Module):
             include_frozen: Also store frozen encoder weights. Without them the checkpoint is
                 small, and loading rebuilds those encoders from the config's ``pretrained``
                 source, which must then be available.
+            state_dict: The weights to write instead of ``self.state_dict()``: a sharded
+                model's full weights, gathered on one rank.
 
         Returns:
             The folder.
         """
         directory = Path(directory)
         excluded = [] if include_frozen else self.frozen_prefixes()
-        state = {
-            k: v for k, v in self.state_dict().items() if not any(k.startswith(p) for p in excluded)
-        }
+        full = self.state_dict() if state_dict is None else state_dict
+        state = {k: v for k, v in full.items() if not any(k.startswith(p) for p in excluded)}
         save_weights(
             directory / WEIGHTS_FILE,
             state,

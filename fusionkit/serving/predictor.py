@@ -17,10 +17,10 @@ import torch
 from PIL import Image
 
 from fusionkit.data import build_image_transform, image_data_config, open_image
-from fusionkit.device import resolve_device
+from fusionkit.device import autocast, inference_dtype, resolve_device
 from fusionkit.errors import DataError
 from fusionkit.models import CMACLIP
-from fusionkit.runs import resolve_run_dir
+from fusionkit.runs import resolve_run_dir, run_precision
 from fusionkit.serving.export import is_export_dir
 from fusionkit.tasks import MULTI_LABEL_THRESHOLD
 
@@ -41,6 +41,8 @@ class Predictor:
         batch_size: Samples per forward pass.
         image_transforms: Image input name → its transform, for a model with several image
             inputs whose encoders differ.
+        precision: The autocast dtype of every forward (``torch.bfloat16`` or
+            ``torch.float16``); ``None`` runs in float32.
 
     Examples:
         >>> predictor = Predictor.from_pretrained("runs/quickstart")  # doctest: +SKIP
@@ -55,8 +57,10 @@ class Predictor:
         device: torch.device | str = "cpu",
         batch_size: int = 32,
         image_transforms: dict[str, Any] | None = None,
+        precision: torch.dtype | None = None,
     ) -> None:
         self.model = model.to(device).eval()
+        self.precision = precision
         self.image_transform = image_transform
         self.image_transforms = dict(image_transforms or {})
         self.device = torch.device(device)
@@ -64,7 +68,11 @@ class Predictor:
 
     @classmethod
     def from_pretrained(
-        cls, directory: str | os.PathLike[str], device: str = "auto", batch_size: int = 32
+        cls,
+        directory: str | os.PathLike[str],
+        device: str = "auto",
+        batch_size: int = 32,
+        precision: str | None = None,
     ) -> Predictor:
         """Load a checkpoint folder (or a run folder: its ``best/``), or an ONNX export.
 
@@ -77,6 +85,11 @@ class Predictor:
             directory: ``run/best``, ``run/last``, ``run``, or an export folder.
             device: ``auto``, ``cpu`` or ``cuda`` (an export: ``auto`` or ``cpu``).
             batch_size: Samples per forward pass.
+            precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``; default the run's
+                ``train.precision`` (``auto`` when the checkpoint has left its run folder):
+                bfloat16 autocast on CUDA, float32 on CPU unless the run trained in ``bf16``
+                (see :func:`~fusionkit.device.inference_dtype`). Not used
+                by an export.
 
         Returns:
             The predictor, using the checkpoint's evaluation image transform.
@@ -95,7 +108,9 @@ class Predictor:
 
             return OnnxPredictor.from_pretrained(directory, device=device, batch_size=batch_size)
         dev = resolve_device(device)
-        model = CMACLIP.from_pretrained(resolve_run_dir(directory), map_location=dev)
+        folder = resolve_run_dir(directory)
+        model = CMACLIP.from_pretrained(folder, map_location=dev)
+        dtype = inference_dtype(precision or run_precision(folder), dev)
         transforms = {
             name: build_image_transform(
                 image_data_config(model.encoder_of(name).data_config, model.config.image_size)
@@ -103,7 +118,7 @@ class Predictor:
             for name in model.inputs_of_kind("image")
         }
         first = next(iter(transforms.values()), None)
-        return cls(model, first, dev, batch_size, image_transforms=transforms)
+        return cls(model, first, dev, batch_size, image_transforms=transforms, precision=dtype)
 
     def _image(
         self, image: Image.Image | str | os.PathLike[str] | None, name: str | None = None
@@ -234,7 +249,8 @@ class Predictor:
         for start in range(0, count, self.batch_size):
             stop = min(count, start + self.batch_size)
             values, present = self._tensors(named, start, stop)
-            output = self.model(inputs=values, present=present)
+            with autocast(self.device, self.precision):
+                output = self.model(inputs=values, present=present)
             results.extend(self._describe(output, row) for row in range(stop - start))
         return results
 

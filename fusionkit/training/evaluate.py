@@ -21,13 +21,20 @@ from torch.utils.data import DataLoader
 
 from fusionkit.config import DataConfig
 from fusionkit.data import ManifestDataset, build_image_transform, input_image_configs, make_collate
-from fusionkit.device import resolve_device
+from fusionkit.device import autocast, inference_dtype, resolve_device
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.io import read_yaml, write_json
 from fusionkit.models import CMACLIP
-from fusionkit.runs import CONFIG_FILE, report_path, resolve_run_dir, run_config_path
+from fusionkit.runs import (
+    CONFIG_FILE,
+    report_path,
+    resolve_run_dir,
+    run_config_path,
+    run_precision,
+)
 from fusionkit.tasks import TaskSpec
 from fusionkit.training import metrics
+from fusionkit.training.accelerator import apply_channels_last, to_device
 from fusionkit.training.cache import batch_tokens
 
 __all__ = [
@@ -39,7 +46,6 @@ __all__ = [
     "forward_batch",
     "fusion_warnings",
 ]
-
 
 def forward_batch(model: Any, batch: Any, device: torch.device | str) -> Any:
     """Run the model on a data batch or a cached-feature batch.
@@ -87,13 +93,19 @@ class EvalOutputs:
     present: dict[str, Tensor] = field(default_factory=dict)
 
 
-def _amp(device: torch.device, enabled: bool) -> Any:
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+def _amp_dtype(amp: torch.dtype | bool | None, device: torch.device) -> torch.dtype | None:
+    if amp is True:  # the flag of earlier versions: bfloat16 on CUDA
+        return torch.bfloat16 if device.type == "cuda" else None
+    return amp or None
 
 
 @torch.no_grad()
 def collect_outputs(
-    model: Any, batches: Iterable[Any], device: torch.device | str, *, amp: bool = False
+    model: Any,
+    batches: Iterable[Any],
+    device: torch.device | str,
+    *,
+    amp: torch.dtype | bool | None = None,
 ) -> EvalOutputs:
     """Run the model in eval mode over ``batches`` and gather scores, targets and weights.
 
@@ -101,7 +113,8 @@ def collect_outputs(
         model: The model.
         batches: Data batches or cached-feature batches.
         device: Where the model lives.
-        amp: bfloat16 autocast (CUDA only).
+        amp: The autocast dtype (the run's precision, see :func:`inference_dtype`);
+            ``None`` or ``False`` for float32; ``True`` means bfloat16 on CUDA only.
 
     Returns:
         The concatenated :class:`EvalOutputs`.
@@ -110,6 +123,7 @@ def collect_outputs(
         >>> outputs = collect_outputs(model, loader, "cpu")  # doctest: +SKIP
     """
     device = torch.device(device)
+    dtype = _amp_dtype(amp, device)
     was_training = model.training
     model.eval()
     parts: dict[str, dict[str, list[Tensor]]] = {"scores": {}, "targets": {}, "weights": {}}
@@ -119,7 +133,8 @@ def collect_outputs(
     ids: list[str] = []
     try:
         for batch in batches:
-            with _amp(device, amp):
+            batch = to_device(batch, device)
+            with autocast(device, dtype):
                 output = forward_batch(model, batch, device)
                 losses.append(float(model.loss(output, batch.targets)))
             ids.extend(batch.ids)
@@ -354,8 +369,12 @@ def evaluate_checkpoint(
     batch_size: int | None = None,
     device: str = "auto",
     output: str | os.PathLike[str] | None = None,
+    precision: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on a manifest and write ``report.json``.
+
+    The model runs in its run's precision (``train.precision``, see :func:`inference_dtype`),
+    CNN backbones in ``channels_last`` on CUDA, batches from pinned memory on CUDA.
 
     Args:
         checkpoint: A checkpoint folder (``run/best``) or a run folder (its ``best/`` is used).
@@ -364,9 +383,10 @@ def evaluate_checkpoint(
         batch_size: Batch size (default the config's ``data.eval_batch_size``).
         device: ``auto``, ``cpu`` or ``cuda``.
         output: Where to write the report (default ``<run folder>/report.json``).
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` instead of the run's.
 
     Returns:
-        The report, with ``checkpoint``, ``data`` and ``report_path`` added.
+        The report, with ``checkpoint``, ``data``, ``precision`` and ``report_path`` added.
 
     Raises:
         CheckpointError: The checkpoint cannot be loaded.
@@ -379,6 +399,9 @@ def evaluate_checkpoint(
     folder = resolve_run_dir(checkpoint)
     dev = resolve_device(device)
     model = CMACLIP.from_pretrained(folder, map_location=dev)
+    apply_channels_last(model, "auto", dev)
+    precision = precision or run_precision(folder)
+    dtype = inference_dtype(precision, dev)
     data_cfg = _run_data_config(folder)
     manifest = data if data is not None else (data_cfg.test or data_cfg.val)
     if manifest is None:
@@ -396,10 +419,12 @@ def evaluate_checkpoint(
         batch_size=batch_size or data_cfg.eval_batch_size,
         collate_fn=make_collate(model.tasks, image_shape, inputs=model.config.inputs),
         num_workers=data_cfg.num_workers,
+        pin_memory=dev.type == "cuda",
     )
-    outputs = collect_outputs(model, loader, dev)
+    outputs = collect_outputs(model, loader, dev, amp=dtype)
     report = compute_report(outputs, model.tasks, model.modalities, precisions)
-    report = {"checkpoint": str(folder), "data": str(manifest), **report}
+    report = {"checkpoint": str(folder), "data": str(manifest), "precision": precision,
+              **report}
     report["skipped_rows"] = dict(dataset.skipped)
     target = Path(output) if output is not None else report_path(folder)
     write_json(target, report)

@@ -28,6 +28,8 @@ averaged by DDP with a loss scaling that makes them equal the single-process gra
 rank 0 writes to the run folder; it also writes ``replicas.json``, a digest of every rank's
 parameters at the end (a mismatch raises :class:`TrainingError`). ``last/`` keeps every rank's
 RNG state, so a resumed run with the same number of processes replays the same random draws.
+With ``train.strategy: fsdp`` the model is sharded instead of replicated (see
+:mod:`fusionkit.training.sharding`); checkpoints hold the full weights, gathered on rank 0.
 """
 
 from __future__ import annotations
@@ -59,11 +61,11 @@ from fusionkit.runs import (
     REPLICAS_FILE,
     VAL_REPORT_FILE,
     find_checkpoint,
-    load_model_weights,
     read_trainer_state,
     save_checkpoint,
 )
 from fusionkit.training import tracking
+from fusionkit.training.accelerator import apply_channels_last
 from fusionkit.training.cache import CacheStats
 from fusionkit.training.curves import write_curves
 from fusionkit.training.distributed import (
@@ -76,6 +78,13 @@ from fusionkit.training.distributed import (
 )
 from fusionkit.training.optim import build_optimizer, build_scheduler
 from fusionkit.training.run_config import build_run_config, check_run_config
+from fusionkit.training.sharding import (
+    is_sharded,
+    load_optimizer_state,
+    load_weights,
+    optimizer_state,
+    savable,
+)
 from fusionkit.training.sources import (
     Sources,
     balanced_class_weights,
@@ -145,7 +154,8 @@ class Trainer:
 
     Started by ``torchrun``, every process runs the same ``fit``: the processes join one
     process group, split every global batch (``data.batch_size``) and average gradients with
-    DDP; rank 0 alone writes the run folder. See :mod:`fusionkit.training.distributed`.
+    DDP, or with FSDP over a sharded model (``train.strategy``); rank 0 alone writes the run
+    folder. See :mod:`fusionkit.training.distributed` and :mod:`fusionkit.training.sharding`.
 
     Args:
         config: The run config (see :func:`build_run_config`).
@@ -237,7 +247,7 @@ class Trainer:
         if run.sources.val is not None and run.state["best_epoch"]:
             self.val_report = self._finish_best(run)
             best_score = self.val_report["mean"]["accuracy"] or 0.0
-        if self.ctx.distributed:
+        if self.ctx.distributed and not is_sharded(run.model):  # shards differ by design
             check_replicas(run.model, self.ctx, self.output_dir / REPLICAS_FILE)
         return TrainResult(
             self.output_dir, run.state["history"], best_score, run.sources.cache_stats
@@ -327,9 +337,10 @@ class Trainer:
         if score is not None and (state["best_score"] is None or score > state["best_score"]):
             state["best_score"] = score
             state["best_epoch"] = epoch + 1
+            saved = savable(model)  # on every rank: a sharded model gathers its weights
             if self.ctx.is_main:
                 save_checkpoint(
-                    self.output_dir / BEST, model, include_frozen=self._include_frozen(model)
+                    self.output_dir / BEST, saved, include_frozen=self._include_frozen(model)
                 )
         patience = cfg.early_stopping
         if score is not None and patience and epoch + 1 - state["best_epoch"] >= patience:
@@ -360,19 +371,29 @@ class Trainer:
                 for head in _heads(model):
                     head.set_class_weight(task, weight)
                 self._class_weight_tensors[task] = weight
-        optimizer = build_optimizer(model, cfg)
+        state, tensors = fresh_state(), {}
+        # Every rank reads the same checkpoint (a shared folder on several nodes); the weights
+        # load before FSDP shards them, the optimizer is built on the sharded parameters.
+        checkpoint = find_checkpoint(self.output_dir / LAST) if self.resume else None
+        if checkpoint is not None:
+            state, tensors = read_trainer_state(checkpoint)
+            load_weights(model, checkpoint)
+        # DDP's optimizer sees the parameters the probe then freezes (its checkpoints' layout);
+        # FSDP's is built after sharding, which replaces the parameters.
+        fsdp = self.ctx.distributed and cfg.strategy == "fsdp"
+        optimizer = None if fsdp else build_optimizer(model, cfg)
+        step_module = training_module(
+            model, sources, self.ctx, self.device, self.train_config, self.data.batch_size,
+            self.autocast_dtype,
+        )
+        optimizer = optimizer or build_optimizer(model, cfg)
         steps_per_epoch = math.ceil(len(sources.train) / self.data.batch_size)
         scheduler = build_scheduler(optimizer, steps_per_epoch * cfg.epochs, cfg)
         scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.autocast_dtype == torch.float16
         )
-        state = fresh_state()
-        # Every rank reads the same checkpoint (a shared folder on several nodes).
-        checkpoint = find_checkpoint(self.output_dir / LAST) if self.resume else None
         if checkpoint is not None:
-            state, tensors = read_trainer_state(checkpoint)
-            load_model_weights(model, checkpoint)
-            optimizer.load_state_dict(tensors["optimizer"])
+            load_optimizer_state(model, optimizer, tensors["optimizer"])
             scheduler.load_state_dict(tensors["scheduler"])
             if "scaler" in tensors:
                 scaler.load_state_dict(tensors["scaler"])
@@ -383,10 +404,6 @@ class Trainer:
             _LOG.warning("--resume: no checkpoint in %s; starting from scratch", self.output_dir)
         for key, value in fresh_state().items():  # checkpoints of older versions lack some
             state.setdefault(key, value)
-        step_module = training_module(
-            model, sources, self.ctx, self.device, self.train_config, self.data.batch_size,
-            self.autocast_dtype,
-        )
         if self.ctx.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_yaml(self.output_dir / CONFIG_FILE, self.config.to_dict())
@@ -397,6 +414,7 @@ class Trainer:
         # The same seed on every rank: replicas start identical.
         seed_everything(self.train_config.seed)
         model = build_model(self.config).to(self.device)
+        apply_channels_last(model, self.train_config.channels_last, self.device)
         if self.ctx.distributed:
             # Per-rank streams for dropout and augmentation, so ranks do not draw alike.
             seed_everything(self.train_config.seed + self.ctx.rank)
@@ -427,10 +445,11 @@ class Trainer:
         model = run.model
         # Every rank's RNG state is kept, so each rank resumes its own dropout stream.
         rng_ranks = all_gather_objects(self.ctx, rng_state())
+        optimizer, saved = optimizer_state(model, run.optimizer), savable(model)
         if not self.ctx.is_main:
             return
         tensor_state: dict[str, Any] = {
-            "optimizer": run.optimizer.state_dict(),
+            "optimizer": optimizer,
             "scheduler": run.scheduler.state_dict(),
             "rng": rng_ranks[0],
         }
@@ -440,7 +459,7 @@ class Trainer:
             tensor_state["scaler"] = run.scaler.state_dict()
         save_checkpoint(
             self.output_dir / LAST,
-            model,
+            saved,
             include_frozen=self._include_frozen(model),
             state=run.state,
             tensor_state=tensor_state,
@@ -460,7 +479,8 @@ class Trainer:
             self.device,
             batch_size=self.data.eval_batch_size,
             num_workers=self.data.num_workers,
-            amp=self.autocast_dtype == torch.bfloat16,
+            amp=self.autocast_dtype,
+            lockstep=is_sharded(run.model),
         )
 
     def _finish_best(self, run: _Run) -> dict[str, Any]:
@@ -469,7 +489,7 @@ class Trainer:
         Returns:
             The validation report of ``best/``, with each head's accuracy.
         """
-        load_model_weights(run.model, self.output_dir / BEST)
+        load_weights(run.model, self.output_dir / BEST)
         report = validation_report(run.model, self._val_outputs(run), refit_blend=False)
         if self.ctx.is_main:
             write_json(self.output_dir / VAL_REPORT_FILE, report)

@@ -1,4 +1,5 @@
-"""The training forward: encoders (or cached features), augmentation, then the fusion stack."""
+"""The training forward: encoders (or cached features), augmentation, then the fusion stack,
+replicated with DDP or sharded with FSDP under ``torchrun``."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from torch import nn
 
 from fusionkit.config import TrainConfig
 from fusionkit.device import autocast
+from fusionkit.training.accelerator import to_device
 from fusionkit.training.augment import drop_modalities, swap_modalities
 from fusionkit.training.cache import batch_tokens
 from fusionkit.training.distributed import DistContext, unused_parameters, wrap_ddp
 from fusionkit.training.evaluate import forward_batch
+from fusionkit.training.sharding import checkpoint_blocks, shard_model
 
 __all__ = ["CompileFallback", "TrainingForward", "training_module"]
 
@@ -69,17 +72,16 @@ class TrainingForward(nn.Module):
         self.modality_dropout = config.modality_dropout
         self.modality_swap = config.modality_swap
         self.swap_modality = config.swap_modality
-        self.fuse = (
-            CompileFallback(model.forward_head) if config.compile else model.forward_head
-        )
+        self.compiled = CompileFallback(model.forward_head) if config.compile else None
 
     def forward(self, batch: Any) -> Any:
-        tokens, masks = batch_tokens(self.model, batch, self.device)
+        tokens, masks = batch_tokens(self.model, to_device(batch, self.device), self.device)
         if self.modality_swap and self.swap_modality in tokens:
             tokens, masks = swap_modalities(tokens, masks, self.modality_swap, self.swap_modality)
         if self.modality_dropout:
             masks = drop_modalities(masks, self.modality_dropout)
-        return self.fuse(tokens, masks)
+        # Looked up per call: FSDP replaces the model's forward_head with one that gathers.
+        return (self.compiled or self.model.forward_head)(tokens, masks)
 
 
 def training_module(
@@ -91,10 +93,14 @@ def training_module(
     batch_size: int,
     autocast_dtype: torch.dtype | None,
 ) -> nn.Module:
-    """The training forward, wrapped in DDP under ``torchrun``.
+    """The training forward, wrapped in DDP, or over a model sharded with FSDP, under
+    ``torchrun`` (``train.strategy``).
 
     Parameters that get no gradient from a probe batch are frozen first: they would stall
-    DDP's gradient buckets, and AdamW skips them anyway.
+    DDP's gradient buckets, and AdamW skips them anyway. With ``strategy: fsdp`` the model is
+    sharded in place (see :func:`~fusionkit.training.sharding.shard_model`): build the
+    optimizer after this call. ``train.activation_checkpointing`` wraps the blocks of the
+    trainable backbones first (see :func:`~fusionkit.training.sharding.checkpoint_blocks`).
 
     Args:
         model: The model.
@@ -108,9 +114,13 @@ def training_module(
     Returns:
         A module whose ``forward(batch)`` returns the model output.
     """
-    module = TrainingForward(model, device, config)
+    if config.activation_checkpointing:
+        count = checkpoint_blocks(model)
+        _LOG.info("activation checkpointing: %d backbone blocks recomputed in backward", count)
     if not ctx.distributed:
-        return module
+        if config.strategy == "fsdp":
+            _LOG.info("train.strategy fsdp in one process: nothing to shard; training unsharded")
+        return TrainingForward(model, device, config)
     source, collate = sources.train, sources.collate
     size = min(len(source), max(2, math.ceil(batch_size / ctx.world_size)))
     probe = collate([source[i] for i in range(size)])
@@ -126,5 +136,8 @@ def training_module(
             named[name].requires_grad_(False)
         shown = ", ".join(unused[:4]) + (", ..." if len(unused) > 4 else "")
         _LOG.info("%d parameter(s) get no gradient; not synchronised: %s", len(unused), shown)
-    return wrap_ddp(module, ctx)
+    if config.strategy == "fsdp":
+        shard_model(model, ctx, autocast_dtype)
+        return TrainingForward(model, device, config)
+    return wrap_ddp(TrainingForward(model, device, config), ctx)
 

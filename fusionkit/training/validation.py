@@ -25,7 +25,8 @@ def gather_outputs(
     *,
     batch_size: int,
     num_workers: int = 0,
-    amp: bool = False,
+    amp: torch.dtype | bool | None = None,
+    lockstep: bool = False,
 ) -> EvalOutputs:
     """The model's outputs over all of ``source``, in order; ranks split the batches.
 
@@ -37,7 +38,9 @@ def gather_outputs(
         device: Where the model runs.
         batch_size: Samples per batch.
         num_workers: DataLoader workers.
-        amp: Run under bfloat16 autocast.
+        amp: The autocast dtype (see :func:`~fusionkit.training.evaluate.collect_outputs`).
+        lockstep: Every rank runs as many forwards as the busiest one, extra ones on a batch
+            whose outputs are dropped: needed when a forward is collective (FSDP).
 
     Returns:
         The joined `EvalOutputs`, the same on every rank.
@@ -45,16 +48,19 @@ def gather_outputs(
     batches = [list(range(i, min(i + batch_size, len(source))))
                for i in range(0, len(source), batch_size)]
     mine = list(range(ctx.rank, len(batches), ctx.world_size))
+    extra = -(-len(batches) // ctx.world_size) - len(mine) if lockstep else 0
     loader = DataLoader(
         source,
-        batch_sampler=[batches[i] for i in mine],
+        batch_sampler=[batches[i] for i in mine] + batches[:1] * extra,
         collate_fn=collate,
         num_workers=num_workers,
+        pin_memory=device.type == "cuda",
     )
     parts = [
         (index, collect_outputs(model, [batch], device, amp=amp))
-        for index, batch in zip(mine, loader, strict=True)
+        for index, batch in zip(mine + [-1] * extra, loader, strict=True)
     ]
+    parts = [part for part in parts if part[0] >= 0]
     gathered = sorted(
         (part for rank_parts in all_gather_objects(ctx, parts) for part in rank_parts),
         key=lambda part: part[0],
