@@ -164,6 +164,12 @@ def _add_data_parser(commands: Any) -> None:
                          help="share of the training rows held out for validation")
     fashion.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     fashion.add_argument("--limit", type=int, help="convert at most this many rows per file")
+    shard = sets.add_parser("shard", help="pack a manifest and its images into WebDataset tars")
+    shard.add_argument("--manifest", required=True, help="the manifest (or a named source)")
+    shard.add_argument("--out", required=True, help="output folder of the .tar shards")
+    shard.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    shard.add_argument("--image-columns", nargs="+",
+                       help="columns of image files (default: those whose cells all are)")
 
 
 def _add_explain_parser(commands: Any) -> None:
@@ -372,6 +378,13 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _data(args: argparse.Namespace) -> int:
+    if args.dataset == "shard":
+        from fusionkit.data.shard_writer import write_shards
+
+        index = write_shards(args.manifest, args.out, shard_size=args.shard_size,
+                             image_columns=args.image_columns)
+        print(f"{index['pattern']} ({index['samples']} samples in {index['shards']} shards)")
+        return 0
     if args.dataset == "emoji":
         from fusionkit.data.emoji import build_emoji_dataset
 

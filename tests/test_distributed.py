@@ -147,7 +147,7 @@ def test_two_processes_share_the_feature_cache(catalogue, tiny_bert_dir, tmp_pat
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     torchrun_train(path, tmp_path / "two")
-    assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    assert len(list((tmp_path / "cache").glob("*/index.json"))) == 2
     assert_identical_replicas(tmp_path / "two")
     result = fit(config, tmp_path / "one")
     assert result.cache_stats.hits == 2, "the single process should reuse the cache"

@@ -30,14 +30,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field
+from pydantic import Field, field_serializer, field_validator
 
 from fusionkit.config.base import Section
 from fusionkit.config.model import ModelConfig
 from fusionkit.errors import ConfigError
 from fusionkit.io import read_yaml
 
-__all__ = ["RUN_SECTIONS", "DataConfig", "RunConfig", "TrainConfig", "parse_section"]
+__all__ = [
+    "RUN_SECTIONS",
+    "AutoWorkers",
+    "DataConfig",
+    "RunConfig",
+    "TrainConfig",
+    "auto_num_workers",
+    "parse_section",
+]
 
 #: The top-level keys of a run config that are not the model's.
 RUN_SECTIONS = ("data", "train")
@@ -46,6 +54,41 @@ Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 Rate = Annotated[float, Field(ge=0.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class AutoWorkers(int):
+    """A worker count that ``data.num_workers: auto`` resolved to; written back as ``auto``."""
+
+
+def auto_num_workers(cpus: int | None = None, cuda: bool | None = None) -> int:
+    """What ``data.num_workers: auto`` means on this machine.
+
+    With CUDA, one worker per CPU the process may use but one (kept for the training loop),
+    at most 8: enough to keep an accelerator fed on decoded images. Without CUDA the training
+    itself computes on every CPU, so only a machine of 8 CPUs or more spares workers: a
+    quarter of its CPUs, at most 4.
+
+    Args:
+        cpus: CPUs available (default: this process's CPU affinity).
+        cuda: Whether CUDA is available (default: ask torch).
+
+    Returns:
+        The worker count.
+
+    Examples:
+        >>> auto_num_workers(cpus=16, cuda=True), auto_num_workers(cpus=2, cuda=False)
+        (8, 0)
+    """
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    if cuda:
+        return max(0, min(8, cpus - 1))
+    return min(4, cpus // 4) if cpus >= 8 else 0
 
 
 class DataConfig(Section):
@@ -64,7 +107,11 @@ class DataConfig(Section):
         batch_size: Training batch size; under ``torchrun`` the global batch, split across
             processes.
         eval_batch_size: Batch size for evaluation and feature encoding.
-        num_workers: DataLoader worker processes (0 = load in the main process).
+        num_workers: DataLoader worker processes (0 = load in the main process); ``auto``
+            (the default) picks a count from the CPUs and CUDA (see :func:`auto_num_workers`)
+            when the config is read. On CUDA the loaders pin memory and prefetch 4 batches
+            per worker. The training loader is built anew each epoch (its order is that
+            epoch's permutation, which makes ``--resume`` exact), so its workers are too.
         on_error: ``skip`` bad rows (counted and logged) or ``raise`` on the first one.
 
     Examples:
@@ -80,8 +127,17 @@ class DataConfig(Section):
     image_size: Positive | None = None
     batch_size: Positive = 32
     eval_batch_size: Positive = 64
-    num_workers: NonNegative = 0
+    num_workers: NonNegative | Literal["auto"] = Field("auto", validate_default=True)
     on_error: Literal["skip", "raise"] = "skip"
+
+    @field_validator("num_workers", mode="after")
+    @classmethod
+    def _resolve_workers(cls, value: int | str) -> int:
+        return AutoWorkers(auto_num_workers()) if value == "auto" else value
+
+    @field_serializer("num_workers")
+    def _write_workers(self, value: int) -> int | str:
+        return "auto" if isinstance(value, AutoWorkers) else value
 
 
 class TrainConfig(Section):

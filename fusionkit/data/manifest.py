@@ -19,6 +19,7 @@ row are skipped and logged or raised, as the caller chooses; problems with the f
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import os
 import warnings
@@ -34,6 +35,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from fusionkit.data.columns import MODALITY_COLUMNS, input_columns, require_columns
 from fusionkit.data.reading import LABEL_SEPARATOR, read_manifest, split_labels
+from fusionkit.data.shards import read_member
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.tasks import TaskSpec
 
@@ -142,7 +144,7 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as raw:
+            with Image.open(_image_source(path)) as raw:
                 picture = ImageOps.exif_transpose(raw)
                 if picture.mode in ("RGBA", "LA", "PA") or "transparency" in picture.info:
                     # Transparent product cut-outs belong on white, not on black.
@@ -155,9 +157,22 @@ def open_image(path: str | os.PathLike[str]) -> Image.Image:
         raise DataError(f"cannot read image {path} ({type(error).__name__}: {error})") from None
 
 
+def _in_tar(path: Path) -> bool:
+    """Whether ``path`` names a member of a tar shard (``DIR/shard.tar/member``)."""
+    return path.parent.suffix == ".tar" and path.parent.is_file()
+
+
+def _image_source(path: Any) -> Any:
+    """What Pillow opens: the file, the bytes of a tar shard's member, or ``path`` itself when
+    it is already a file object (an upload)."""
+    if isinstance(path, str | os.PathLike) and _in_tar(Path(path)):
+        return io.BytesIO(read_member(path))
+    return path
+
+
 def _is_file(path: Path) -> bool:
     try:
-        return path.is_file()
+        return path.is_file() or _in_tar(path)
     except (OSError, ValueError):
         # A name the OS refuses (too long, NUL byte) names no readable file either.
         return False

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fusionkit.data.columns import input_columns, require_columns
+from fusionkit.data.shards import is_shard_pattern, read_shard_rows
 from fusionkit.data.sources import resolve_manifest
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.tasks import TaskSpec
@@ -127,7 +128,14 @@ def _read_jsonl(path: Path) -> tuple[list[str], list[tuple[int, dict[str, str]]]
 
 
 def read_manifest(path: str | Path) -> tuple[Path, list[str], list[tuple[int, dict[str, str]]]]:
-    """Read a manifest's columns and rows as text cells, with the line each row starts on."""
+    """Read a manifest's columns and rows as text cells, with the line each row starts on.
+
+    A shard pattern (see :mod:`fusionkit.data.shards`) reads as a manifest: its rows come
+    from the shards' JSON members, numbered in shard order, image cells naming tar members.
+    """
+    if is_shard_pattern(path):
+        columns, rows = read_shard_rows(Path(path).absolute())
+        return Path(path).absolute(), columns, rows
     # Absolute, so image paths relative to it survive a later change of working directory.
     manifest = resolve_manifest(path).absolute()
     kind = _SUFFIXES.get(manifest.suffix.lower())

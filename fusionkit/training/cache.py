@@ -2,16 +2,24 @@
 
 A frozen encoder's token features for a given input never change, so the trainer stores its
 :meth:`~fusionkit.models.CMACLIP.forward_features` outputs (tokens and masks per input name)
-in a safetensors file and later epochs reuse them. When every encoder is frozen, only
-``forward_head`` runs; when some are trainable (say, a fine-tuned text encoder beside a frozen
-image backbone), the inputs of frozen encoders come from the cache and the others run live on
-every batch (their raw values travel with the cached tokens in a :class:`FeatureBatch`).
+and later epochs reuse them. When every encoder is frozen, only ``forward_head`` runs; when
+some are trainable (say, a fine-tuned text encoder beside a frozen image backbone), the inputs
+of frozen encoders come from the cache and the others run live on every batch (their raw
+values travel with the cached tokens in a :class:`FeatureBatch`).
 
-The file is named by a hash of everything that determines the features: the cached inputs'
-columns and encoder configs, the manifest path with its size and modification time, the sample
-ids kept, the image transform key and the storage dtype. Texts of different lengths are stored
-padded to the data set's longest text with their masks; :func:`collate_features` trims a batch
-to its own longest text.
+The features are stored shard by shard (see :mod:`fusionkit.training.cache_store`): each
+shard of 1,024 samples is written as soon as it is encoded, so an encoding holds one shard in
+memory whatever the data set's size, and an interrupted encoding resumes after its last
+complete shard. Training reads the shards memory-mapped, sample by sample: each rank and each
+DataLoader worker touches only the samples it reads. Texts are stored ragged (each sample up to
+its last real token); :func:`collate_features` pads a batch to its own longest text.
+
+The entry is named by a hash of what determines the features, not of the manifest file: the
+cached inputs' encoder configs and columns, and for every sample, in order, the value of each
+cached input (a text itself; an image file's path, size and modification time), with the image
+transform key and the storage dtype. A manifest rewritten byte for byte, moved, or relabelled
+reuses its features; an image file replaced with one of the same size and modification time
+is not noticed (the check ``make`` and ``rsync`` make too).
 
 Training images are not augmented when the image features are cached: a cached feature is that
 of the evaluation transform.
@@ -19,8 +27,6 @@ of the evaluation transform.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -33,8 +39,18 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from fusionkit.data import Batch, ManifestDataset, make_collate
-from fusionkit.errors import CheckpointError
-from fusionkit.io import load_weights, save_weights
+from fusionkit.data.loading import loader_options
+from fusionkit.training.cache_store import (
+    FORMAT_VERSION,
+    SHARD_SIZE,
+    FeatureStore,
+    ShardBuffer,
+    feature_cache_key,
+    shard_is_complete,
+    shard_path,
+    shard_ranges,
+    write_index,
+)
 
 __all__ = [
     "CacheStats",
@@ -50,7 +66,6 @@ __all__ = [
 ]
 
 _LOG = logging.getLogger("fusionkit.training")
-_VERSION = "fusionkit-features-v3"
 
 
 def default_cache_dir() -> Path:
@@ -72,9 +87,12 @@ class CacheStats:
     """Counters of the feature cache, per trainer.
 
     Attributes:
-        hits: Data sets loaded from disk.
-        misses: Data sets encoded (then stored).
+        hits: Data sets whose every shard was found on disk.
+        misses: Data sets with shards to encode (all of them, or those an interrupted
+            encoding left undone).
         encoded_batches: Encoder forward passes run to fill the cache.
+        encoded_shards: Shards encoded and written.
+        reused_shards: Shards found complete on disk and reused.
 
     Examples:
         >>> CacheStats().hits
@@ -84,57 +102,13 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     encoded_batches: int = 0
+    encoded_shards: int = 0
+    reused_shards: int = 0
 
 
 def _kinds(model: Any, names: Sequence[str]) -> dict[str, str]:
     """Input name → ``"image"`` / ``"text"`` for some of a model's inputs."""
     return {name: model.config.inputs[name].kind for name in names}
-
-
-def feature_cache_key(
-    model: Any,
-    dataset: ManifestDataset,
-    transform_key: str,
-    dtype: torch.dtype,
-    modalities: Sequence[str] | None = None,
-) -> str:
-    """Hash of everything that determines a data set's cached features.
-
-    Args:
-        model: The model (the cached inputs' columns and encoder configs are hashed).
-        dataset: The manifest data set (path, size, mtime and kept sample ids are hashed).
-        transform_key: Key of the image transforms of the cached image inputs.
-        dtype: Storage dtype.
-        modalities: The cached input names (default: every input of the model).
-
-    Returns:
-        A 24-character hex digest.
-
-    Examples:
-        >>> key = feature_cache_key(model, dataset, "eval/...", torch.float16)  # doctest: +SKIP
-    """
-    stat = dataset.path.stat()
-    cached = list(model.modalities if modalities is None else modalities)
-    inputs = model.config.inputs
-    parts = {
-        "version": _VERSION,
-        "inputs": {
-            name: {
-                "kind": inputs[name].kind,
-                "column": inputs[name].column,
-                "encoder": inputs[inputs[name].share or name].encoder.to_dict(),
-            }
-            for name in cached
-        },
-        "manifest": str(dataset.path.resolve()),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "ids": hashlib.sha256("\n".join(r.id for r in dataset.records).encode()).hexdigest(),
-        "transform": transform_key,
-        "dtype": str(dtype),
-    }
-    blob = json.dumps(parts, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:24]
 
 
 @dataclass
@@ -169,27 +143,21 @@ class CachedFeatures(Dataset):
     Args:
         dataset: The data set the features belong to (targets are read from its records;
             the raw values of ``live`` inputs are loaded from it).
-        tokens: Cached input → ``(N, L, C)``.
-        masks: Cached input → ``(N, L)`` bool.
+        store: The cache entry, read sample by sample (memory-mapped).
         live: Inputs not in the cache, whose raw values each sample carries (an image
             through the data set's transform, a text as it is).
 
     Examples:
-        >>> features = encode_dataset(model, dataset, cache_dir)  # doctest: +SKIP
+        >>> features = encode_dataset(model, dataset, cache_dir, key)  # doctest: +SKIP
         >>> features[0]["tokens"]["image"].shape  # doctest: +SKIP
         torch.Size([9, 1280])
     """
 
     def __init__(
-        self,
-        dataset: ManifestDataset,
-        tokens: dict[str, Tensor],
-        masks: dict[str, Tensor],
-        live: Sequence[str] = (),
+        self, dataset: ManifestDataset, store: FeatureStore, live: Sequence[str] = ()
     ) -> None:
         self.dataset = dataset
-        self.tokens = tokens
-        self.masks = masks
+        self.store = store
         self.live = tuple(live)
 
     def __len__(self) -> int:
@@ -197,19 +165,21 @@ class CachedFeatures(Dataset):
         return len(self.dataset.records)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        """One sample: ``id``, cached ``tokens`` and ``masks`` per input, ``targets``, and
-        the value of each live input by name."""
+        """One sample: ``id``, cached ``tokens`` ``(L, C)`` and ``masks`` ``(L,)`` per input
+        (``L`` up to the sample's last real token), ``targets``, and the value of each live
+        input by name."""
         record = self.dataset.records[index]
+        tokens, masks = self.store.sample(index)
         return {
             **self.dataset.load(index, self.live),
-            "tokens": {m: t[index] for m, t in self.tokens.items()},
-            "masks": {m: k[index] for m, k in self.masks.items()},
+            "tokens": tokens,
+            "masks": masks,
             "targets": dict(record.targets),
         }
 
 
 class FeatureCollator:
-    """Collate cached samples, trimming padded tokens to the batch's longest real sequence.
+    """Collate cached samples, each input padded to the batch's longest sequence.
 
     Args:
         tasks: The tasks to collate targets for.
@@ -237,7 +207,7 @@ class FeatureCollator:
 def collate_features(
     samples: Sequence[dict[str, Any]], target_collate: Any, live: Sequence[str] = ()
 ) -> FeatureBatch:
-    """Stack cached samples; padding beyond the batch's longest sequence is dropped.
+    """Pad cached samples to the batch's longest sequence per input and stack them.
 
     Args:
         samples: Items of :class:`CachedFeatures`.
@@ -246,19 +216,24 @@ def collate_features(
         live: Inputs whose raw values the samples carry.
 
     Returns:
-        The batch, tokens as float32.
+        The batch, tokens as float32 (zeros where padded, masked out).
 
     Examples:
         >>> collate = make_collate(tasks)  # doctest: +SKIP
         >>> batch = collate_features([features[0], features[1]], collate)  # doctest: +SKIP
     """
     tokens, masks = {}, {}
-    for modality in samples[0]["tokens"]:
-        mask = torch.stack([s["masks"][modality] for s in samples])
-        real = mask.any(dim=0).nonzero()
-        length = int(real.max()) + 1 if len(real) else 1
-        masks[modality] = mask[:, :length]
-        tokens[modality] = torch.stack([s["tokens"][modality][:length] for s in samples]).float()
+    for name in samples[0]["tokens"]:
+        parts = [s["tokens"][name] for s in samples]
+        # Samples keep their tokens up to their last real one, so the batch's longest real
+        # sequence sets its length (1 when no sample has any).
+        length = max(1, *(len(part) for part in parts))
+        stacked = torch.zeros(len(parts), length, parts[0].shape[-1])
+        mask = torch.zeros(len(parts), length, dtype=torch.bool)
+        for row, (part, sample) in enumerate(zip(parts, samples, strict=True)):
+            stacked[row, : len(part)] = part
+            mask[row, : len(part)] = sample["masks"][name]
+        tokens[name], masks[name] = stacked, mask
     batch = target_collate(
         [{k: v for k, v in s.items() if k not in ("tokens", "masks")} for s in samples]
     )
@@ -266,17 +241,6 @@ def collate_features(
     return FeatureBatch(
         batch.ids, tokens, masks, batch.targets, live=live, inputs=batch if live else None
     )
-
-
-def _pad_cat(chunks: list[Tensor], length: int) -> Tensor:
-    padded = []
-    for chunk in chunks:
-        pad = length - chunk.shape[1]
-        if pad:
-            shape = (chunk.shape[0], pad, *chunk.shape[2:])
-            chunk = torch.cat([chunk, chunk.new_zeros(shape)], dim=1)
-        padded.append(chunk)
-    return torch.cat(padded)
 
 
 @torch.no_grad()
@@ -292,13 +256,19 @@ def encode_dataset(
     dtype: torch.dtype = torch.float16,
     stats: CacheStats | None = None,
     modalities: Sequence[str] | None = None,
+    num_workers: int = 0,
+    shard_size: int = SHARD_SIZE,
 ) -> CachedFeatures:
-    """Load a data set's features from the cache, or encode and store them.
+    """Read a data set's features from the cache, encoding the shards it lacks first.
+
+    Shards found complete on disk are reused (all of them: a cache hit; some: an interrupted
+    encoding resumed); the others are encoded and each is written as soon as its samples are,
+    so memory holds one shard's features at a time.
 
     Args:
         model: A model with ``forward_features`` whose encoders of ``modalities`` are frozen.
         dataset: The data set, with the evaluation image transforms when images are cached.
-        cache_dir: The cache folder.
+        cache_dir: The cache folder (the entry is its sub-folder named by the key).
         transform_key: Key of the cached image inputs' transforms.
         batch_size: Encoding batch size.
         image_shape: ``(3, H, W)`` of the transformed images, or input name → shape (a batch
@@ -308,12 +278,15 @@ def encode_dataset(
         stats: Counters to update.
         modalities: The input names to cache (default: every input of the model); the
             others are left live: each sample carries their raw values.
+        num_workers: DataLoader workers that read and transform the samples to encode.
+        shard_size: Samples per shard.
 
     Returns:
-        The features (float tensors in ``dtype``, on the CPU).
+        The features, read from the cache's mapped shards (float tensors in ``dtype``).
 
     Raises:
         ValueError: ``modalities`` is empty or names a modality the model lacks.
+        StorageError: A shard cannot be written.
 
     Examples:
         >>> features = encode_dataset(model, dataset, "~/.cache/x", key)  # doctest: +SKIP
@@ -328,51 +301,83 @@ def encode_dataset(
         )
     live = tuple(m for m in model.modalities if m not in cached)
     key = feature_cache_key(model, dataset, transform_key, dtype, cached)
-    path = Path(cache_dir).expanduser() / f"{key}.safetensors"
-    if path.is_file():
-        try:
-            stored = load_weights(path)
-        except CheckpointError as error:
-            _LOG.warning("feature cache %s is unreadable (%s); encoding again", path, error)
-        else:
-            stats.hits += 1
-            tokens = {k.split(".")[0]: v for k, v in stored.items() if k.endswith(".tokens")}
-            masks = {k.split(".")[0]: v for k, v in stored.items() if k.endswith(".mask")}
-            return CachedFeatures(dataset, tokens, masks, live)
+    folder = Path(cache_dir).expanduser() / key
+    ranges = shard_ranges(len(dataset), shard_size)
+    todo = [
+        number for number, samples in enumerate(ranges)
+        if not shard_is_complete(shard_path(folder, number), key, samples, cached)
+    ]
+    stats.reused_shards += len(ranges) - len(todo)
+    features = CachedFeatures(dataset, FeatureStore(folder, len(dataset), cached, shard_size),
+                              live)
+    if not todo:
+        stats.hits += 1
+        return features
     stats.misses += 1
-    was_training = model.training
-    model.eval()
+    if len(todo) < len(ranges):
+        _LOG.info("feature cache %s: %d of %d shards on disk; encoding the other %d",
+                  folder, len(ranges) - len(todo), len(ranges), len(todo))
+    _encode_shards(model, dataset, folder, key, [(n, ranges[n]) for n in todo],
+                   batch_size=batch_size, image_shape=image_shape, device=device, dtype=dtype,
+                   stats=stats, cached=cached, num_workers=num_workers)
+    write_index(folder, {
+        "version": FORMAT_VERSION, "key": key, "manifest": str(dataset.path),
+        "samples": len(dataset), "shard_size": shard_size, "shards": len(ranges),
+        "inputs": list(cached), "dtype": str(dtype),
+    })
+    _LOG.info("cached features of %s in %s (%d shards encoded)", dataset.path, folder,
+              len(todo))
+    return features
+
+
+def _encode_shards(
+    model: Any,
+    dataset: ManifestDataset,
+    folder: Path,
+    key: str,
+    shards: list[tuple[int, range]],
+    *,
+    batch_size: int,
+    image_shape: Any,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    stats: CacheStats,
+    cached: tuple[str, ...],
+    num_workers: int,
+) -> None:
+    """Encode ``shards`` (number, sample indices) in order, writing each once it is full."""
+    # Batches never straddle two shards, so each shard is complete after its last batch.
+    batches = [list(samples[i : i + batch_size]) for _, samples in shards
+               for i in range(0, len(samples), batch_size)]
     # Only the cached inputs are loaded (no image decoding for a text cache).
     # An own generator keeps the loader from drawing a seed from the global RNG: a run that
     # fills the cache and one that reads it then train with the same dropout stream.
     loader = DataLoader(
         _Only(dataset, cached),
-        batch_size=batch_size,
+        batch_sampler=batches,
         collate_fn=make_collate({}, image_shape, inputs=_kinds(model, cached)),
         generator=torch.Generator(),
+        **loader_options(num_workers, torch.device(device).type == "cuda"),
     )
-    chunks: dict[str, list[Tensor]] = {}
-    mask_chunks: dict[str, list[Tensor]] = {}
+    pending = iter(shards)
+    number, buffer = -1, None
+    was_training = model.training
+    model.eval()
     try:
         for batch in loader:
+            if buffer is None:
+                number, samples = next(pending)
+                buffer = ShardBuffer(samples)
             inputs = feature_inputs(model, batch.to(device), cached)
             tokens, masks = model.forward_features(**inputs)
             stats.encoded_batches += 1
-            for modality in tokens:
-                chunks.setdefault(modality, []).append(tokens[modality].to("cpu", dtype))
-                mask_chunks.setdefault(modality, []).append(masks[modality].cpu())
+            buffer.add(tokens, masks, dtype, names=cached)
+            if buffer.full:
+                buffer.write(shard_path(folder, number), key)
+                stats.encoded_shards += 1
+                buffer = None
     finally:
         model.train(was_training)
-    tokens_out, masks_out = {}, {}
-    for modality in chunks:
-        length = max(chunk.shape[1] for chunk in chunks[modality])
-        tokens_out[modality] = _pad_cat(chunks[modality], length)
-        masks_out[modality] = _pad_cat(mask_chunks[modality], length)
-    tensors = {f"{m}.tokens": t for m, t in tokens_out.items()}
-    tensors.update({f"{m}.mask": k for m, k in masks_out.items()})
-    save_weights(path, tensors, metadata={"manifest": str(dataset.path), "key": key})
-    _LOG.info("cached features of %s in %s", dataset.path, path)
-    return CachedFeatures(dataset, tokens_out, masks_out, live)
 
 
 class _Only(Dataset):

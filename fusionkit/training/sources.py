@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from fusionkit.data import (
     make_collate,
     transform_key,
 )
+from fusionkit.data.loading import loader_options
+from fusionkit.data.shards import is_shard_pattern, shard_block_size
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.tasks import TaskSpec
 from fusionkit.training.cache import (
@@ -137,6 +140,7 @@ def build_sources(
                 dtype=dtype,
                 stats=stats,
                 modalities=cached,
+                num_workers=data.num_workers,
             )
             for dataset in splits.values()
         ]
@@ -185,6 +189,46 @@ def balanced_class_weights(
     return weights
 
 
+def _epoch_order(source: Any, generator: torch.Generator) -> torch.Tensor:
+    """The epoch's sample order: a permutation; for tar shards, of shard-sized blocks of
+    consecutive samples, each then permuted, so that loading reads one shard after another."""
+    dataset = getattr(source, "dataset", source)
+    path = getattr(dataset, "path", None)
+    if path is None or not is_shard_pattern(path):
+        return torch.randperm(len(source), generator=generator)
+    block = shard_block_size(path)
+    starts = torch.randperm(math.ceil(len(source) / block), generator=generator) * block
+    return torch.cat([
+        start + torch.randperm(min(block, len(source) - start), generator=generator)
+        for start in starts.tolist()
+    ])
+
+
+class _RankBatches:
+    """This rank's index lists of an epoch's global batches, sliced from the permutation as
+    the loader asks for them (no list of every batch is built)."""
+
+    def __init__(self, order: torch.Tensor, batch_size: int, start_batch: int,
+                 ctx: DistContext) -> None:
+        self.order, self.batch_size, self.start, self.ctx = order, batch_size, start_batch, ctx
+
+    def __len__(self) -> int:
+        return max(0, math.ceil(len(self.order) / self.batch_size) - self.start)
+
+    def _global(self, number: int) -> list[int]:
+        first = (self.start + number) * self.batch_size
+        return self.order[first : first + self.batch_size].tolist()
+
+    def placeholder(self, number: int) -> bool:
+        """Whether this rank has no sample of batch ``number`` (counted from the start)."""
+        return not shard(self._global(number), self.ctx)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for number in range(len(self)):
+            indices = self._global(number)
+            yield shard(indices, self.ctx) or indices[:1]
+
+
 def epoch_batches(
     source: Any,
     collate: Callable[[list[Any]], Any],
@@ -217,24 +261,19 @@ def epoch_batches(
         labels masked out, so that it still joins the gradient all-reduce.
     """
     generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(source), generator=generator).tolist()
-    batches = [order[i : i + batch_size] for i in range(start_batch * batch_size, len(order),
-                                                         batch_size)]
-    shards = [shard(indices, ctx) for indices in batches]
-    placeholders = [not indices for indices in shards]
-    shards = [mine or indices[:1] for mine, indices in zip(shards, batches, strict=True)]
+    order = _epoch_order(source, generator)
+    batches = _RankBatches(order, batch_size, start_batch, ctx)
     loader = DataLoader(
         source,
-        batch_sampler=shards,
+        batch_sampler=batches,
         collate_fn=collate,
-        num_workers=num_workers,
         worker_init_fn=seed_worker,
         # Passing a generator keeps the loader from drawing its worker seed from the global
         # RNG, which dropout uses.
         generator=generator,
-        pin_memory=pin_memory,
+        **loader_options(num_workers, pin_memory),
     )
-    for batch, placeholder in zip(loader, placeholders, strict=True):
-        if placeholder:
+    for number, batch in enumerate(loader):
+        if batches.placeholder(number):
             batch.targets = mask_targets(batch.targets)
         yield batch
