@@ -140,6 +140,7 @@ def _measure(checkpoint: Path, max_batch: int, args: argparse.Namespace) -> dict
                 return time.perf_counter() - begin, latencies
 
         before = httpx.get(f"{url}/metadata").json()["batching"]
+        forward_batch = before["forward_batch"]
         elapsed, loaded = asyncio.run(burst())
         after = httpx.get(f"{url}/metadata").json()["batching"]
     finally:
@@ -155,6 +156,7 @@ def _measure(checkpoint: Path, max_batch: int, args: argparse.Namespace) -> dict
         "load_p50_ms": statistics.median(loaded) * 1000,
         "load_p99_ms": _percentile(loaded, 99) * 1000,
         "mean_batch": (after["samples"] - before["samples"]) / max(batches, 1),
+        "forward_batch": forward_batch,
     }
 
 
@@ -217,15 +219,15 @@ def main(argv: list[str] | None = None) -> None:
         "",
         "| server | ready after | first request | p50, 1 client | p99, 1 client | "
         f"throughput, {args.clients} clients | p50 under load | p99 under load | "
-        "mean batch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "mean batch | forward batch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in rows.items():
         lines.append(
             f"| {name} | {row['ready_s']:.1f} s | {row['first_ms']:.0f} ms | "
             f"{row['p50_ms']:.0f} ms | {row['p99_ms']:.0f} ms | "
             f"{row['throughput']:.1f} req/s | {row['load_p50_ms']:.0f} ms | "
-            f"{row['load_p99_ms']:.0f} ms | {row['mean_batch']:.1f} |"
+            f"{row['load_p99_ms']:.0f} ms | {row['mean_batch']:.1f} | {row['forward_batch']} |"
         )
     lines.append("")
     for name, row in rows.items():
@@ -241,11 +243,13 @@ def main(argv: list[str] | None = None) -> None:
         )
     lines += [
         "",
-        "Micro-batching pays where a batch of n runs in much less than n times one sample: on "
-        "onnxruntime here, where a batch of 32 costs about half as much per sample as one "
-        "(`docs/results/export_latency.md`). Eager PyTorch on this 2-core CPU runs a batch at "
-        "about the cost per sample of single calls, so there it saves only per-call overhead; "
-        "differences of a few tens of percent between rows are within the noise of a shared "
+        "Micro-batching pays where a forward of several samples costs less per sample than "
+        "one of a single sample. The server measures that at start and cuts each micro-batch "
+        "into forwards of the size with the least time per sample (`forward batch`; "
+        "`--forward-batch` sets it): on this 2-core CPU eager PyTorch is cheapest per sample "
+        "at a few samples (a larger batch's activations no longer fit the caches), "
+        "onnxruntime at large batches. The clients run on the server's two cores; "
+        "differences of a few tens of percent between runs are the noise of a shared "
         "machine. A GPU (`--device cuda`) is not measured.",
         "",
     ]

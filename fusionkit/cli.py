@@ -207,6 +207,9 @@ def _add_serve_parser(commands: Any) -> None:
     serve.add_argument("--port", type=int, default=8000, help="TCP port")
     serve.add_argument("--max-batch", type=int, default=32,
                        help="most samples per forward pass (1: no micro-batching)")
+    serve.add_argument("--forward-batch", type=int, default=None,
+                       help="samples per forward pass within a micro-batch (default: the "
+                            "size with the least time per sample, measured at start)")
     serve.add_argument("--max-wait-ms", type=float, default=5.0,
                        help="how long a batch waits for more samples after its first")
     serve.add_argument("--max-body-mb", type=float, default=20.0,
@@ -221,7 +224,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     options = ServeOptions(
         max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_body_mb=args.max_body_mb,
-        max_text_chars=args.max_text_chars,
+        max_text_chars=args.max_text_chars, forward_batch=args.forward_batch,
     )
     serve(args.checkpoint, host=args.host, port=args.port, device=args.device, options=options,
           log_level="warning" if args.quiet else "info")

@@ -26,7 +26,7 @@ pytest.importorskip("python_multipart")
 httpx = pytest.importorskip("httpx")
 
 from fusionkit.cli import main  # noqa: E402
-from fusionkit.errors import MissingDependencyError  # noqa: E402
+from fusionkit.errors import ConfigError, MissingDependencyError  # noqa: E402
 from fusionkit.serving import Predictor  # noqa: E402
 from fusionkit.serving.batching import MicroBatcher  # noqa: E402
 
@@ -322,6 +322,61 @@ def test_micro_batcher_gathers_up_to_max_batch_and_1_turns_it_off():
     assert batcher.batches == 3 and batcher.largest == 4
     results, batcher = asyncio.run(burst(1))
     assert batcher.batches == 10 and {r[1] for r in results if isinstance(r, tuple)} == {1}
+
+
+def test_forward_batch_tuning_keeps_the_size_of_least_time_per_sample(predictor, monkeypatch):
+    from fusionkit.serving import samples
+
+    assert samples.forward_batch_sizes(1) == [1]
+    assert samples.forward_batch_sizes(32) == [1, 2, 4, 8, 16, 32]
+    assert samples.forward_batch_sizes(24) == [1, 2, 4, 8, 16, 24]
+    # A clock that charges each forward 10 ms plus 1 ms per sample, and 3 ms per sample past 4
+    # samples (a batch that no longer fits the caches): 4 is the cheapest per sample.
+    clock = [0.0]
+    real_predict = predictor.predict
+
+    def charged(*args, inputs, **kwargs):
+        count = len(next(iter(inputs.values())))
+        for start in range(0, count, predictor.batch_size):
+            size = min(predictor.batch_size, count - start)
+            clock[0] += (10 + size + 3 * max(0, size - 4)) / 1000
+        return real_predict(*args, inputs=inputs, **kwargs)
+
+    monkeypatch.setattr(predictor, "predict", charged)
+    monkeypatch.setattr(samples.time, "perf_counter", lambda: clock[0])
+    batch_size = predictor.batch_size
+    try:
+        timings = samples.tune_forward_batch(predictor, 16)
+        assert list(timings) == [1, 2, 4, 8, 16] and predictor.batch_size == 4
+        assert timings[1] == pytest.approx(11.0) and timings[4] == pytest.approx(3.5)
+    finally:
+        predictor.batch_size = batch_size
+
+
+def test_a_server_reports_its_forward_batch(predictor):
+    from fastapi.testclient import TestClient
+
+    from fusionkit.serving import server
+
+    batch_size = predictor.batch_size
+    try:
+        options = server.ServeOptions(max_batch=8, forward_batch=2)
+        with TestClient(server.create_app(predictor, options)) as client:
+            while client.get("/health").status_code != 200:
+                time.sleep(0.05)
+            batching = client.get("/metadata").json()["batching"]
+            assert batching["forward_batch"] == 2 and batching["forward_batch_ms"] is None
+        with TestClient(server.create_app(predictor, server.ServeOptions(max_batch=4))) as client:
+            while client.get("/health").status_code != 200:
+                time.sleep(0.05)
+            batching = client.get("/metadata").json()["batching"]
+            assert set(batching["forward_batch_ms"]) == {"1", "2", "4"}
+            assert batching["forward_batch"] in (1, 2, 4)
+    finally:
+        predictor.batch_size = batch_size
+    for bad in (0, 9):
+        with pytest.raises(ConfigError, match="--forward-batch"):
+            server.ServeOptions(max_batch=8, forward_batch=bad)
 
 
 def test_serve_errors_are_one_line(tmp_path, monkeypatch, capsys):

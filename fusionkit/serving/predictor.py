@@ -210,7 +210,7 @@ class Predictor:
             present[name] = torch.tensor([t is not None for t in loaded]).to(self.device)
         return values, present
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def predict(
         self,
         images: Sequence[Image.Image | str | os.PathLike[str] | None] | None = None,

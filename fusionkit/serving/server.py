@@ -69,6 +69,9 @@ class ServeOptions:
         max_body_mb: Largest request body in MiB (a larger one gets 413).
         max_text_chars: Longest text of a text input, in characters.
         warm_up: Run the model on synthetic samples before ``/health`` turns ready.
+        forward_batch: Samples per forward pass within a micro-batch; ``None`` (the default)
+            measures each size up to ``max_batch`` during the warm-up and keeps the one that
+            costs least per sample (`fusionkit.serving.samples.tune_forward_batch`).
 
     Raises:
         ConfigError: A value out of range.
@@ -83,10 +86,16 @@ class ServeOptions:
     max_body_mb: float = 20.0
     max_text_chars: int = 10_000
     warm_up: bool = True
+    forward_batch: int | None = None
 
     def __post_init__(self) -> None:
         if self.max_batch < 1:
             raise ConfigError(f"--max-batch: expected 1 or more, got {self.max_batch}")
+        if self.forward_batch is not None and not 1 <= self.forward_batch <= self.max_batch:
+            raise ConfigError(
+                f"--forward-batch: expected 1 to --max-batch ({self.max_batch}), "
+                f"got {self.forward_batch}"
+            )
         if self.max_wait_ms < 0:
             raise ConfigError(f"--max-wait-ms: expected 0 or more, got {self.max_wait_ms}")
         if self.max_body_mb <= 0:
@@ -207,6 +216,15 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None) -> Fas
         try:
             if options.warm_up:
                 await batcher.call(_samples.warm_up, predictor, sizes)
+            if options.forward_batch is not None:
+                predictor.batch_size = options.forward_batch
+            elif options.max_batch > 1 and options.warm_up:
+                timings = await batcher.call(
+                    _samples.tune_forward_batch, predictor, options.max_batch
+                )
+                state["forward_batch_ms"] = timings
+                logger.info("forward batch %d (ms per sample by batch size: %s)",
+                            predictor.batch_size, timings)
         except Exception as error:
             state["error"] = _message(error)
             logger.exception("warm-up failed; /health stays 503")
@@ -337,6 +355,8 @@ def create_app(predictor: Predictor, options: ServeOptions | None = None) -> Fas
             **model_metadata(predictor),
             "batching": {
                 "max_batch": options.max_batch, "max_wait_ms": options.max_wait_ms,
+                "forward_batch": predictor.batch_size,
+                "forward_batch_ms": state.get("forward_batch_ms"),
                 "batches": batcher.batches, "samples": batcher.samples,
                 "largest": batcher.largest,
             },
