@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import os
 import random
+import subprocess
 
 import numpy as np
 import pytest
@@ -321,3 +322,14 @@ def pytest_collection_modifyitems(items) -> None:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if any(isinstance(value, str) and value == "cuda" for value in params.values()):
             item.add_marker(pytest.mark.cuda)
+
+
+def stop_process(process: subprocess.Popen, timeout: float = 30) -> None:
+    """Stop a process a test started (a server): SIGTERM, then SIGKILL after ``timeout`` s."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

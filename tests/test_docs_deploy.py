@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TASKS, save_tiny_image_text_model
+from conftest import TINY_TASKS, save_tiny_image_text_model, stop_process
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -98,12 +98,7 @@ def server(tmp_path_factory, tiny_bert_dir):
             time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_process(process)
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_TASKS, save_tiny_image_text_model
+from conftest import TINY_TASKS, save_tiny_image_text_model, stop_process
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -92,13 +92,7 @@ def running_server(checkpoint, log, *options):
             time.sleep(0.2)
         yield url, process
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process)
 
 
 @pytest.fixture(scope="module")
