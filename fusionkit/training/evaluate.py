@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 
 from fusionkit.config import DataConfig
 from fusionkit.data import ManifestDataset, build_image_transform, input_image_configs, make_collate
+from fusionkit.data.loading import loader_options
 from fusionkit.device import autocast, inference_dtype, resolve_device
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.io import read_yaml, write_json
@@ -418,8 +419,7 @@ def evaluate_checkpoint(
         dataset,
         batch_size=batch_size or data_cfg.eval_batch_size,
         collate_fn=make_collate(model.tasks, image_shape, inputs=model.config.inputs),
-        num_workers=data_cfg.num_workers,
-        pin_memory=dev.type == "cuda",
+        **loader_options(data_cfg.num_workers, dev.type == "cuda"),
     )
     outputs = collect_outputs(model, loader, dev, amp=dtype)
     report = compute_report(outputs, model.tasks, model.modalities, precisions)

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from fusionkit.data.loading import loader_options
 from fusionkit.training.blend import blend_probabilities, fit_blend
 from fusionkit.training.distributed import DistContext, all_gather_objects
 from fusionkit.training.evaluate import EvalOutputs, collect_outputs, compute_report
@@ -53,8 +54,7 @@ def gather_outputs(
         source,
         batch_sampler=[batches[i] for i in mine] + batches[:1] * extra,
         collate_fn=collate,
-        num_workers=num_workers,
-        pin_memory=device.type == "cuda",
+        **loader_options(num_workers, device.type == "cuda"),
     )
     parts = [
         (index, collect_outputs(model, [batch], device, amp=amp))
