@@ -110,8 +110,9 @@ class DataConfig(Section):
         num_workers: DataLoader worker processes (0 = load in the main process); ``auto``
             (the default) picks a count from the CPUs and CUDA (see :func:`auto_num_workers`)
             when the config is read. On CUDA the loaders pin memory and prefetch 4 batches
-            per worker. The training loader is built anew each epoch (its order is that
-            epoch's permutation, which makes ``--resume`` exact), so its workers are too.
+            per worker, and the training loader's workers persist across epochs, each
+            sample's augmentation seeded on its own so that ``--resume`` stays exact (see
+            :class:`~fusionkit.training.sources.EpochLoader`).
         on_error: ``skip`` bad rows (counted and logged) or ``raise`` on the first one.
 
     Examples:

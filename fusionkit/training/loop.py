@@ -86,6 +86,7 @@ from fusionkit.training.sharding import (
     savable,
 )
 from fusionkit.training.sources import (
+    EpochLoader,
     Sources,
     balanced_class_weights,
     build_sources,
@@ -141,6 +142,7 @@ class _Run:
     state: dict[str, Any]
     steps_per_epoch: int
     loggers: tracking.LoggerGroup = field(default_factory=tracking.LoggerGroup)
+    loader: EpochLoader | None = None  # built at the first epoch; its workers may persist
 
 
 def _heads(model: Any) -> list[Any]:
@@ -268,6 +270,12 @@ class Trainer:
             disable=not (self.progress and self.ctx.is_main),
             leave=False,
         )
+        if run.loader is None:
+            run.loader = EpochLoader(
+                run.sources.train, run.sources.collate, self.ctx,
+                batch_size=self.data.batch_size, num_workers=self.data.num_workers,
+                pin_memory=self.device.type == "cuda",
+            )
         batches = epoch_batches(
             run.sources.train,
             run.sources.collate,
@@ -275,8 +283,7 @@ class Trainer:
             seed=self.train_config.seed * 1_000_003 + epoch,
             batch_size=self.data.batch_size,
             start_batch=start_batch,
-            num_workers=self.data.num_workers,
-            pin_memory=self.device.type == "cuda",
+            loader=run.loader,
         )
         for batch_index, batch in enumerate(batches, start=start_batch):
             loss = self._step(run, batch, epoch, batch_index)

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 import math
+import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from fusionkit.config import DataConfig, TrainConfig
 from fusionkit.data import (
@@ -33,7 +35,7 @@ from fusionkit.training.cache import (
 from fusionkit.training.distributed import DistContext, local_main_first, mask_targets, shard
 from fusionkit.training.state import seed_worker
 
-__all__ = ["Sources", "balanced_class_weights", "build_sources", "epoch_batches"]
+__all__ = ["EpochLoader", "Sources", "balanced_class_weights", "build_sources", "epoch_batches"]
 
 _LOG = logging.getLogger("fusionkit.training")
 
@@ -229,6 +231,133 @@ class _RankBatches:
             yield shard(indices, self.ctx) or indices[:1]
 
 
+class _SeededSamples(Dataset):
+    """``source`` read by ``(seed, index)`` keys: each sample's random draws (augmentation)
+    come from its own seed, whichever worker loads it and whatever it loaded before."""
+
+    def __init__(self, source: Any) -> None:
+        self.source = source
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, key: tuple[int, int]) -> Any:
+        seed, index = key
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)
+        return self.source[index]
+
+
+class _CurrentBatches:
+    """The batch sampler of a loader that outlives its epochs: it yields the batches of the
+    epoch set last, as ``(sample seed, index)`` keys of :class:`_SeededSamples`."""
+
+    def __init__(self) -> None:
+        self.batches: _RankBatches | None = None
+        self.seed = 0
+
+    def __len__(self) -> int:
+        return len(self.batches) if self.batches is not None else 0
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        assert self.batches is not None
+        for indices in self.batches:
+            seeds = np.random.SeedSequence([self.seed, *indices]).generate_state(len(indices))
+            yield [(int(s), i) for s, i in zip(seeds, indices, strict=True)]
+
+
+class EpochLoader:
+    """The training loader of a run: this rank's share of each epoch's seeded batches.
+
+    The epoch's order is a permutation drawn from a generator seeded with the epoch's seed,
+    so a resumed run replays exactly the batches an uninterrupted one would; every rank draws
+    the same permutation and takes its shard of each global batch.
+
+    With ``persistent`` workers (the default on CUDA with workers), one ``DataLoader`` and its
+    worker processes serve every epoch, and each sample's random draws (image augmentation)
+    come from a seed of its own, derived from the epoch's seed and the batch: a resume draws
+    the same augmentations, with any number of workers. Otherwise the loader is built afresh
+    each epoch, its workers seeded from the epoch's generator.
+
+    Args:
+        source: Indexable samples.
+        collate: Turns a list of samples into a batch.
+        ctx: The distributed context.
+        batch_size: The global batch size.
+        num_workers: DataLoader workers.
+        pin_memory: Pin batches (for CUDA).
+        persistent: Keep the workers across epochs; ``None``: when there are workers and
+            batches are pinned (CUDA).
+
+    Examples:
+        >>> loader = EpochLoader(source, collate, ctx, batch_size=32)  # doctest: +SKIP
+        >>> for batch in loader.epoch(seed=7):  # doctest: +SKIP
+        ...     ...
+    """
+
+    def __init__(
+        self,
+        source: Any,
+        collate: Callable[[list[Any]], Any],
+        ctx: DistContext,
+        *,
+        batch_size: int,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        persistent: bool | None = None,
+    ) -> None:
+        self.source, self.collate, self.ctx = source, collate, ctx
+        self.batch_size, self.num_workers, self.pin_memory = batch_size, num_workers, pin_memory
+        self.persistent = num_workers > 0 and (pin_memory if persistent is None else persistent)
+        self._current = _CurrentBatches()
+        self._loader: DataLoader | None = None
+
+    def _persistent_loader(self) -> DataLoader:
+        if self._loader is None:
+            self._loader = DataLoader(
+                _SeededSamples(self.source),
+                batch_sampler=self._current,
+                collate_fn=self.collate,
+                persistent_workers=True,
+                **loader_options(self.num_workers, self.pin_memory),
+            )
+        return self._loader
+
+    def epoch(self, seed: int, start_batch: int = 0) -> Iterator[Any]:
+        """The batches of one epoch, from ``start_batch`` on.
+
+        Args:
+            seed: The epoch's seed.
+            start_batch: The first batch to yield (a resume mid-epoch).
+
+        Yields:
+            Batches; a rank left without samples in the last batch gets one sample with its
+            labels masked out, so that it still joins the gradient all-reduce.
+        """
+        generator = torch.Generator().manual_seed(seed)
+        order = _epoch_order(self.source, generator)
+        batches = _RankBatches(order, self.batch_size, start_batch, self.ctx)
+        if self.persistent:
+            self._current.batches, self._current.seed = batches, seed
+            loader = self._persistent_loader()
+        else:
+            loader = DataLoader(
+                self.source,
+                batch_sampler=batches,
+                collate_fn=self.collate,
+                worker_init_fn=seed_worker,
+                # Passing a generator keeps the loader from drawing its worker seed from the
+                # global RNG, which dropout uses.
+                generator=generator,
+                **loader_options(self.num_workers, self.pin_memory),
+            )
+        for number, batch in enumerate(loader):
+            if batches.placeholder(number):
+                batch.targets = mask_targets(batch.targets)
+            yield batch
+
+
 def epoch_batches(
     source: Any,
     collate: Callable[[list[Any]], Any],
@@ -239,12 +368,9 @@ def epoch_batches(
     start_batch: int = 0,
     num_workers: int = 0,
     pin_memory: bool = False,
+    loader: EpochLoader | None = None,
 ) -> Iterator[Any]:
     """This rank's share of each global batch of one epoch, from ``start_batch`` on.
-
-    The epoch's order is a permutation drawn from a generator seeded with ``seed``, so a
-    resumed run replays exactly the batches an uninterrupted one would; every rank draws the
-    same permutation and takes its shard of each global batch.
 
     Args:
         source: Indexable samples.
@@ -255,25 +381,12 @@ def epoch_batches(
         start_batch: The first batch to yield (a resume mid-epoch).
         num_workers: DataLoader workers.
         pin_memory: Pin batches (for CUDA).
+        loader: The run's :class:`EpochLoader` (its workers may persist); ``None`` builds
+            one for this epoch from the arguments above.
 
     Yields:
-        Batches; a rank left without samples in the last batch gets one sample with its
-        labels masked out, so that it still joins the gradient all-reduce.
+        The batches (see :meth:`EpochLoader.epoch`).
     """
-    generator = torch.Generator().manual_seed(seed)
-    order = _epoch_order(source, generator)
-    batches = _RankBatches(order, batch_size, start_batch, ctx)
-    loader = DataLoader(
-        source,
-        batch_sampler=batches,
-        collate_fn=collate,
-        worker_init_fn=seed_worker,
-        # Passing a generator keeps the loader from drawing its worker seed from the global
-        # RNG, which dropout uses.
-        generator=generator,
-        **loader_options(num_workers, pin_memory),
-    )
-    for number, batch in enumerate(loader):
-        if batches.placeholder(number):
-            batch.targets = mask_targets(batch.targets)
-        yield batch
+    loader = loader or EpochLoader(source, collate, ctx, batch_size=batch_size,
+                                   num_workers=num_workers, pin_memory=pin_memory)
+    yield from loader.epoch(seed, start_batch)
