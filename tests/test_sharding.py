@@ -219,11 +219,14 @@ def test_fsdp_in_one_process_trains_unsharded(frozen_run, tmp_path, caplog):
 def test_fsdp_trains_like_ddp_resumes_and_saves_for_one_process(
     catalogue, bert_without_dropout, tmp_path
 ):
-    # Trainable BERT (its pooler gets no gradient) beside a frozen resnet18, unimodal heads:
+    # Trainable BERT (its pooler gets no gradient) beside a frozen resnet18, unimodal heads
+    # refit after the epochs:
     # the same run as test_distributed's DDP test; the sharded one also recomputes the BERT
     # layers (activation checkpointing), which must not change the weights either.
     config = tiny_config(catalogue, bert_without_dropout, tmp_path, train_text=True)
     config["unimodal_heads"] = {"loss_weight": 0.5}
+    # The heads refit after the epochs too: pooled over the ranks, the same on each.
+    config["train"]["refit_heads"] = True
     paths = {}
     for strategy, extra in (("ddp", {}), ("fsdp", {"activation_checkpointing": True})):
         paths[strategy] = tmp_path / f"{strategy}.yaml"

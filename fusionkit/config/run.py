@@ -191,6 +191,12 @@ class TrainConfig(Section):
             unimodal heads, of its blend, which the scale of the blend calibrates).
         early_stopping: Stop after this many validated epochs without a better
             ``best_metric``; 0 trains every epoch.
+        refit_heads: After the epochs, train the unimodal heads of the ``best/`` model again
+            on its own pooled features, keep each refit head whose validation loss is lower,
+            and fit the blend again (see :mod:`fusionkit.training.refit`); no effect on a
+            model without unimodal heads or a run without validation data. Off by default:
+            on the real sets it helped on icons and hurt on emoji
+            (``docs/results/refit_heads.md``).
         deterministic: Ask torch for deterministic algorithms (``warn_only``).
         tensorboard: Write every epoch's metrics as TensorBoard events into the run folder's
             ``tensorboard/`` (see :mod:`fusionkit.training.tracking`); ``false`` writes none.
@@ -225,6 +231,7 @@ class TrainConfig(Section):
     save_every_steps: NonNegative = 0
     best_metric: Literal["accuracy", "loss"] = "accuracy"
     early_stopping: NonNegative = 0
+    refit_heads: bool = False
     deterministic: bool = True
     tensorboard: bool = True
 

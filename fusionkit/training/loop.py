@@ -34,6 +34,8 @@ With ``train.strategy: fsdp`` the model is sharded instead of replicated (see
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import math
@@ -77,6 +79,7 @@ from fusionkit.training.distributed import (
     shutdown,
 )
 from fusionkit.training.optim import build_optimizer, build_scheduler
+from fusionkit.training.refit import HeadRefit, refit_model_heads
 from fusionkit.training.run_config import build_run_config, check_run_config
 from fusionkit.training.sharding import (
     is_sharded,
@@ -201,6 +204,7 @@ class Trainer:
         self.cache_stats: CacheStats | None = None
         self.model: Any = None
         self.val_report: dict[str, Any] | None = None
+        self._head_template: Any = None
         self._class_weight_tensors: dict[str, torch.Tensor] = {}
 
     # ----------------------------------------------------------------------------------------
@@ -378,6 +382,11 @@ class Trainer:
                 for head in _heads(model):
                     head.set_class_weight(task, weight)
                 self._class_weight_tensors[task] = weight
+        # A plain copy of the unimodal heads (with their class weights), for the refit after
+        # the epochs: the model's own may be sharded by then.
+        unimodal = getattr(model, "unimodal", None)
+        if unimodal is not None and cfg.refit_heads:
+            self._head_template = copy.deepcopy(unimodal)
         state, tensors = fresh_state(), {}
         # Every rank reads the same checkpoint (a shared folder on several nodes); the weights
         # load before FSDP shards them, the optimizer is built on the sharded parameters.
@@ -490,14 +499,32 @@ class Trainer:
             lockstep=is_sharded(run.model),
         )
 
+    def _refit_heads(self, run: _Run) -> list[HeadRefit]:
+        """Refit the unimodal heads of ``best/`` (``train.refit_heads``); ``[]`` if not done."""
+        if self._head_template is None:
+            return []
+        return refit_model_heads(
+            run.model, self._head_template, run.sources, self.ctx, self.device,
+            batch_size=self.data.eval_batch_size, num_workers=self.data.num_workers,
+            amp=self.autocast_dtype, lockstep=is_sharded(run.model), seed=self.train_config.seed,
+        )
+
     def _finish_best(self, run: _Run) -> dict[str, Any]:
-        """Reload ``best/`` (with the blend fit at its epoch) and write its validation report.
+        """Reload ``best/`` (with the blend fit at its epoch), refit its unimodal heads and
+        blend (``train.refit_heads``, saved into ``best/``) and write its validation report.
 
         Returns:
             The validation report of ``best/``, with each head's accuracy.
         """
         load_weights(run.model, self.output_dir / BEST)
-        report = validation_report(run.model, self._val_outputs(run), refit_blend=False)
+        refits = self._refit_heads(run)
+        report = validation_report(run.model, self._val_outputs(run), refit_blend=bool(refits))
+        if refits:
+            report["head_refit"] = [dataclasses.asdict(r) for r in refits]
+            saved = savable(run.model)
+            if self.ctx.is_main:
+                save_checkpoint(self.output_dir / BEST, saved,
+                                include_frozen=self._include_frozen(run.model))
         if self.ctx.is_main:
             write_json(self.output_dir / VAL_REPORT_FILE, report)
         for warning in report["warnings"]:

@@ -54,6 +54,7 @@ from torch.distributed.fsdp import (
     fully_shard,
     register_fsdp_forward_method,
 )
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 
 from fusionkit.encoders.base import backbone_blocks
@@ -64,12 +65,14 @@ from fusionkit.training.distributed import DistContext
 __all__ = [
     "GatheredModel",
     "checkpoint_blocks",
+    "full_module_state",
     "is_sharded",
     "load_optimizer_state",
     "load_weights",
     "mixed_precision",
     "optimizer_state",
     "savable",
+    "set_full_weights",
     "shard_model",
     "shard_units",
 ]
@@ -375,3 +378,45 @@ def load_weights(model: Any, directory: str | os.PathLike[str]) -> None:
         >>> load_weights(model, "runs/fsdp/best")  # doctest: +SKIP
     """
     load_model_weights(_FullStateTarget(model) if is_sharded(model) else model, directory)
+
+
+def full_module_state(model: Any, module: nn.Module) -> dict[str, Tensor]:
+    """The full state dict of ``module``, a part of ``model``, as CPU tensors on every rank.
+
+    For a sharded model every rank must call it (each sharded tensor is all-gathered).
+
+    Args:
+        model: The model ``module`` belongs to, sharded or not.
+        module: A sub-module of ``model`` (e.g. its unimodal heads).
+
+    Returns:
+        Parameter and buffer name (relative to ``module``) → full tensor.
+
+    Examples:
+        >>> state = full_module_state(model, model.unimodal)  # doctest: +SKIP
+    """
+    _resharded(model)
+    return {
+        name: (value.full_tensor() if isinstance(value, DTensor) else value).detach().cpu()
+        for name, value in module.state_dict().items()
+    }
+
+
+def set_full_weights(model: Any, state: Mapping[str, Tensor]) -> None:
+    """Load some of ``model``'s weights from full tensors; a sharded model keeps its shards.
+
+    Args:
+        model: The model, sharded or not.
+        state: Parameter or buffer name (relative to ``model``) → full tensor; the others
+            are left as they are.
+
+    Examples:
+        >>> set_full_weights(model, {"head.heads.color.weight": w})  # doctest: +SKIP
+    """
+    if is_sharded(model):
+        _FullStateTarget(model).load_state_dict(state, strict=False)
+        return
+    own = model.state_dict()
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -14,7 +14,62 @@ from fusionkit.training.blend import blend_probabilities, fit_blend
 from fusionkit.training.distributed import DistContext, all_gather_objects
 from fusionkit.training.evaluate import EvalOutputs, collect_outputs, compute_report
 
-__all__ = ["fit_model_blend", "gather_outputs", "join_outputs", "validation_report"]
+__all__ = [
+    "fit_model_blend",
+    "gather_batches",
+    "gather_outputs",
+    "join_outputs",
+    "validation_report",
+]
+
+
+def gather_batches(
+    run_batch: Callable[[Any], Any],
+    source: Any,
+    collate: Any,
+    ctx: DistContext,
+    device: torch.device,
+    *,
+    batch_size: int,
+    num_workers: int = 0,
+    lockstep: bool = False,
+) -> list[Any]:
+    """``run_batch`` over all of ``source`` in batches, in order; ranks split the batches.
+
+    Args:
+        run_batch: Batch → a picklable result (e.g. :func:`collect_outputs` of one batch).
+        source: Indexable samples (a data set or cached features).
+        collate: Turns a list of samples into a batch.
+        ctx: The distributed context (one process: everything runs here).
+        device: Where the model runs (pinned memory on CUDA).
+        batch_size: Samples per batch.
+        num_workers: DataLoader workers.
+        lockstep: Every rank runs as many batches as the busiest one, extra ones on a batch
+            whose results are dropped: needed when a forward is collective (FSDP).
+
+    Returns:
+        Every batch's result in batch order, the same on every rank.
+    """
+    batches = [list(range(i, min(i + batch_size, len(source))))
+               for i in range(0, len(source), batch_size)]
+    mine = list(range(ctx.rank, len(batches), ctx.world_size))
+    extra = -(-len(batches) // ctx.world_size) - len(mine) if lockstep else 0
+    loader = DataLoader(
+        source,
+        batch_sampler=[batches[i] for i in mine] + batches[:1] * extra,
+        collate_fn=collate,
+        **loader_options(num_workers, device.type == "cuda"),
+    )
+    parts = [
+        (index, run_batch(batch))
+        for index, batch in zip(mine + [-1] * extra, loader, strict=True)
+    ]
+    parts = [part for part in parts if part[0] >= 0]
+    gathered = sorted(
+        (part for rank_parts in all_gather_objects(ctx, parts) for part in rank_parts),
+        key=lambda part: part[0],
+    )
+    return [result for _, result in gathered]
 
 
 def gather_outputs(
@@ -40,32 +95,17 @@ def gather_outputs(
         batch_size: Samples per batch.
         num_workers: DataLoader workers.
         amp: The autocast dtype (see :func:`~fusionkit.training.evaluate.collect_outputs`).
-        lockstep: Every rank runs as many forwards as the busiest one, extra ones on a batch
-            whose outputs are dropped: needed when a forward is collective (FSDP).
+        lockstep: See :func:`gather_batches` (needed for FSDP).
 
     Returns:
         The joined `EvalOutputs`, the same on every rank.
     """
-    batches = [list(range(i, min(i + batch_size, len(source))))
-               for i in range(0, len(source), batch_size)]
-    mine = list(range(ctx.rank, len(batches), ctx.world_size))
-    extra = -(-len(batches) // ctx.world_size) - len(mine) if lockstep else 0
-    loader = DataLoader(
-        source,
-        batch_sampler=[batches[i] for i in mine] + batches[:1] * extra,
-        collate_fn=collate,
-        **loader_options(num_workers, device.type == "cuda"),
+    parts = gather_batches(
+        lambda batch: collect_outputs(model, [batch], device, amp=amp),
+        source, collate, ctx, device,
+        batch_size=batch_size, num_workers=num_workers, lockstep=lockstep,
     )
-    parts = [
-        (index, collect_outputs(model, [batch], device, amp=amp))
-        for index, batch in zip(mine + [-1] * extra, loader, strict=True)
-    ]
-    parts = [part for part in parts if part[0] >= 0]
-    gathered = sorted(
-        (part for rank_parts in all_gather_objects(ctx, parts) for part in rank_parts),
-        key=lambda part: part[0],
-    )
-    return join_outputs([outputs for _, outputs in gathered])
+    return join_outputs(parts)
 
 
 def validation_report(model: Any, outputs: EvalOutputs, *, refit_blend: bool) -> dict[str, Any]:
