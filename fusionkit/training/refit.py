@@ -187,11 +187,12 @@ def refit_unimodal_heads(
 ) -> list[HeadRefit]:
     """Train each modality's head anew on pooled features; keep it where val loss drops.
 
-    Each head (projection and classifier) restarts from a fresh initialisation and trains
-    with AdamW on ``train``, one epoch at a time, keeping the epoch of lowest loss on ``val``;
-    it stops after ``patience`` epochs without a lower one. The refit head replaces the
-    trained one only where its validation loss is lower. Samples without the modality are
-    left out. ``heads`` is changed in place; it runs on the CPU, deterministically for a seed.
+    Each head (projection and classifier) restarts from a fresh initialisation (from its trained
+    weights with ``restart=False``) and trains with AdamW on ``train``, one epoch at a time,
+    keeping the epoch of lowest loss on ``val``; it stops after ``patience`` epochs without a
+    lower one. The refit head replaces the trained one only where its validation loss is lower.
+    Samples without the modality are left out. ``heads`` is changed in place; it runs on the
+    CPU, deterministically for a seed.
 
     Args:
         heads: The model's unimodal heads (not sharded).
