@@ -413,10 +413,6 @@ def set_full_weights(model: Any, state: Mapping[str, Tensor]) -> None:
     Examples:
         >>> set_full_weights(model, {"head.heads.color.weight": w})  # doctest: +SKIP
     """
-    if is_sharded(model):
-        _FullStateTarget(model).load_state_dict(state, strict=False)
-        return
-    own = model.state_dict()
-    with torch.no_grad():
-        for name, value in state.items():
-            own[name].copy_(value)
+    (_FullStateTarget(model) if is_sharded(model) else model).load_state_dict(
+        dict(state), strict=False
+    )
