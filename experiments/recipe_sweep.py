@@ -57,6 +57,8 @@ CANDIDATES: dict[str, tuple[str | None, dict[str, Any]]] = {
     "medium": ("medium", {}),
     "medium, best/ by val log-loss": ("medium", {"train": BY_LOSS}),
     "medium, no unimodal heads": ("medium", {"unimodal_heads": None}),
+    "medium, EMA of weights 0.99": ("medium", {"train": {"ema_decay": 0.99}}),
+    "fast, EMA of weights 0.99": ("fast", {"train": {"ema_decay": 0.99}}),
 }
 
 

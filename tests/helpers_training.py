@@ -121,13 +121,13 @@ def install_kill_point(name: str) -> None:
     Raises:
         KeyError: Unknown name.
     """
-    from fusionkit.training import loop
+    from fusionkit.training import checkpoints
 
     if name == "none":
         return
     if name not in KILL_POINTS:
         raise KeyError(name)
-    save = loop.save_checkpoint
+    save = checkpoints.save_checkpoint
 
     if name == "mid_epoch_1":
         steps = {"n": 0}
@@ -162,7 +162,7 @@ def install_kill_point(name: str) -> None:
             os.replace = dying_replace
         return save(directory, model, **kwargs)
 
-    loop.save_checkpoint = hooked_save
+    checkpoints.save_checkpoint = hooked_save
 
 
 def main(argv: list[str]) -> int:

@@ -54,6 +54,7 @@ Positive = Annotated[int, Field(ge=1)]
 NonNegative = Annotated[int, Field(ge=0)]
 Rate = Annotated[float, Field(ge=0.0)]
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Decay = Annotated[float, Field(ge=0.0, lt=1.0)]
 
 
 class AutoWorkers(int):
@@ -197,6 +198,10 @@ class TrainConfig(Section):
             model without unimodal heads or a run without validation data. Off by default:
             on the real sets it helped on icons and hurt on emoji
             (``docs/results/refit_heads.md``).
+        ema_decay: Validate, and keep as ``best/``, an exponential moving average of the
+            trainable weights with this decay (see :mod:`fusionkit.training.averaging`);
+            0 disables it. Not with ``strategy: fsdp`` under ``torchrun``. Without validation
+            data the average is not used.
         deterministic: Ask torch for deterministic algorithms (``warn_only``).
         tensorboard: Write every epoch's metrics as TensorBoard events into the run folder's
             ``tensorboard/`` (see :mod:`fusionkit.training.tracking`); ``false`` writes none.
@@ -232,6 +237,7 @@ class TrainConfig(Section):
     best_metric: Literal["accuracy", "loss"] = "accuracy"
     early_stopping: NonNegative = 0
     refit_heads: bool = False
+    ema_decay: Decay = 0.0
     deterministic: bool = True
     tensorboard: bool = True
 

@@ -34,6 +34,7 @@ With ``train.strategy: fsdp`` the model is sharded instead of replicated (see
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -64,15 +65,15 @@ from fusionkit.runs import (
     VAL_REPORT_FILE,
     find_checkpoint,
     read_trainer_state,
-    save_checkpoint,
 )
 from fusionkit.training import tracking
 from fusionkit.training.accelerator import apply_channels_last
+from fusionkit.training.averaging import WeightAverage, weight_average
 from fusionkit.training.cache import CacheStats
+from fusionkit.training.checkpoints import restore_last, save_best, save_last
 from fusionkit.training.curves import write_curves
 from fusionkit.training.distributed import (
     DistContext,
-    all_gather_objects,
     check_replicas,
     init_distributed,
     sharded_loss,
@@ -81,13 +82,7 @@ from fusionkit.training.distributed import (
 from fusionkit.training.optim import build_optimizer, build_scheduler
 from fusionkit.training.refit import HeadRefit, refit_model_heads
 from fusionkit.training.run_config import build_run_config, check_run_config
-from fusionkit.training.sharding import (
-    is_sharded,
-    load_optimizer_state,
-    load_weights,
-    optimizer_state,
-    savable,
-)
+from fusionkit.training.sharding import is_sharded, load_weights
 from fusionkit.training.sources import (
     EpochLoader,
     Sources,
@@ -95,7 +90,7 @@ from fusionkit.training.sources import (
     build_sources,
     epoch_batches,
 )
-from fusionkit.training.state import fresh_state, restore_rng_state, rng_state, seed_everything
+from fusionkit.training.state import fresh_state, seed_everything
 from fusionkit.training.step import training_module
 from fusionkit.training.validation import gather_outputs, validation_report
 
@@ -146,6 +141,11 @@ class _Run:
     steps_per_epoch: int
     loggers: tracking.LoggerGroup = field(default_factory=tracking.LoggerGroup)
     loader: EpochLoader | None = None  # built at the first epoch; its workers may persist
+    average: WeightAverage | None = None  # train.ema_decay
+
+    def averaged(self) -> contextlib.AbstractContextManager[None]:
+        """Within the block the model holds its averaged weights (its own without an EMA)."""
+        return contextlib.nullcontext() if self.average is None else self.average.swapped()
 
 
 def _heads(model: Any) -> list[Any]:
@@ -327,6 +327,8 @@ class Trainer:
         run.scaler.step(run.optimizer)
         run.scaler.update()
         run.scheduler.step()
+        if run.average is not None:
+            run.average.update()
         return global_loss.item()
 
     def _end_epoch(self, run: _Run, epoch: int) -> None:
@@ -334,7 +336,8 @@ class Trainer:
         cfg, state, model = self.train_config, run.state, run.model
         report, score = None, None
         if run.sources.val is not None:
-            report = validation_report(model, self._val_outputs(run), refit_blend=True)
+            with run.averaged():
+                report = validation_report(model, self._val_outputs(run), refit_blend=True)
             score = report["mean"]["accuracy"] or 0.0
             if cfg.best_metric == "loss":
                 log_loss = report["mean"]["log_loss"]
@@ -348,11 +351,8 @@ class Trainer:
         if score is not None and (state["best_score"] is None or score > state["best_score"]):
             state["best_score"] = score
             state["best_epoch"] = epoch + 1
-            saved = savable(model)  # on every rank: a sharded model gathers its weights
-            if self.ctx.is_main:
-                save_checkpoint(
-                    self.output_dir / BEST, saved, include_frozen=self._include_frozen(model)
-                )
+            with run.averaged():
+                save_best(model, self.output_dir / BEST, self.ctx)
         patience = cfg.early_stopping
         if score is not None and patience and epoch + 1 - state["best_epoch"] >= patience:
             _LOG.info(
@@ -403,17 +403,15 @@ class Trainer:
             self.autocast_dtype,
         )
         optimizer = optimizer or build_optimizer(model, cfg)
+        average = weight_average(model, cfg.ema_decay)
         steps_per_epoch = math.ceil(len(sources.train) / self.data.batch_size)
         scheduler = build_scheduler(optimizer, steps_per_epoch * cfg.epochs, cfg)
         scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.autocast_dtype == torch.float16
         )
         if checkpoint is not None:
-            load_optimizer_state(model, optimizer, tensors["optimizer"])
-            scheduler.load_state_dict(tensors["scheduler"])
-            if "scaler" in tensors:
-                scaler.load_state_dict(tensors["scaler"])
-            restore_rng_state(tensors, self.ctx, self.train_config.seed)
+            restore_last(tensors, self.ctx, model, optimizer, scheduler, scaler, cfg.seed,
+                         average)
             _LOG.info("resuming from %s at epoch %d, step %d", checkpoint, state["epoch"] + 1,
                       state["step"])
         elif self.resume:
@@ -424,7 +422,7 @@ class Trainer:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             write_yaml(self.output_dir / CONFIG_FILE, self.config.to_dict())
         return _Run(model, sources, step_module, optimizer, scheduler, scaler, state,
-                    steps_per_epoch)
+                    steps_per_epoch, average=average)
 
     def _build_model(self) -> Any:
         # The same seed on every rank: replicas start identical.
@@ -435,11 +433,6 @@ class Trainer:
             # Per-rank streams for dropout and augmentation, so ranks do not draw alike.
             seed_everything(self.train_config.seed + self.ctx.rank)
         return model
-
-    def _include_frozen(self, model: Any) -> bool:
-        """Checkpoints store frozen encoders unless every encoder is frozen (then the config
-        rebuilds them from their pretrained weights)."""
-        return len(model.frozen_modalities()) < len(model.modalities)
 
     # ----------------------------------------------------------------------------------------
     # Steps, checkpoints and validation
@@ -458,28 +451,8 @@ class Trainer:
         return torch.stack(losses).sum(), torch.stack(totals).sum()
 
     def _save_last(self, run: _Run) -> None:
-        model = run.model
-        # Every rank's RNG state is kept, so each rank resumes its own dropout stream.
-        rng_ranks = all_gather_objects(self.ctx, rng_state())
-        optimizer, saved = optimizer_state(model, run.optimizer), savable(model)
-        if not self.ctx.is_main:
-            return
-        tensor_state: dict[str, Any] = {
-            "optimizer": optimizer,
-            "scheduler": run.scheduler.state_dict(),
-            "rng": rng_ranks[0],
-        }
-        if self.ctx.distributed:
-            tensor_state["rng_ranks"] = rng_ranks
-        if run.scaler.is_enabled():
-            tensor_state["scaler"] = run.scaler.state_dict()
-        save_checkpoint(
-            self.output_dir / LAST,
-            saved,
-            include_frozen=self._include_frozen(model),
-            state=run.state,
-            tensor_state=tensor_state,
-        )
+        save_last(self.output_dir / LAST, self.ctx, run.model, run.optimizer, run.scheduler,
+                  run.scaler, run.state, run.average)
 
     def _write_metrics(self, history: list[dict[str, Any]]) -> None:
         if self.ctx.is_main:
@@ -521,10 +494,7 @@ class Trainer:
         report = validation_report(run.model, self._val_outputs(run), refit_blend=bool(refits))
         if refits:
             report["head_refit"] = [dataclasses.asdict(r) for r in refits]
-            saved = savable(run.model)
-            if self.ctx.is_main:
-                save_checkpoint(self.output_dir / BEST, saved,
-                                include_frozen=self._include_frozen(run.model))
+            save_best(run.model, self.output_dir / BEST, self.ctx)
         if self.ctx.is_main:
             write_json(self.output_dir / VAL_REPORT_FILE, report)
         for warning in report["warnings"]:
