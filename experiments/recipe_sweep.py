@@ -36,7 +36,8 @@ RESULTS = ROOT / "results.json"
 #: empty config, is what ``fusionkit train`` did before presets (frozen encoders, no unimodal
 #: heads, learned summaries, best/ by val accuracy, every epoch trained). The presets keep the
 #: epoch of best blended val accuracy; the candidates marked "by log-loss" keep the epoch of
-#: lowest blended val log-loss instead, as the presets first did.
+#: lowest blended val log-loss instead, as the presets first did; those marked "EMA" validate
+#: and keep a moving average of the weights with that decay (``train.ema_decay``).
 BY_LOSS = {"best_metric": "loss"}
 CANDIDATES: dict[str, tuple[str | None, dict[str, Any]]] = {
     "before presets": (None, {}),
@@ -58,7 +59,8 @@ CANDIDATES: dict[str, tuple[str | None, dict[str, Any]]] = {
     "medium, best/ by val log-loss": ("medium", {"train": BY_LOSS}),
     "medium, no unimodal heads": ("medium", {"unimodal_heads": None}),
     "medium, EMA of weights 0.99": ("medium", {"train": {"ema_decay": 0.99}}),
-    "fast, EMA of weights 0.99": ("fast", {"train": {"ema_decay": 0.99}}),
+    "medium, EMA of weights 0.97": ("medium", {"train": {"ema_decay": 0.97}}),
+    "medium, EMA of weights 0.9": ("medium", {"train": {"ema_decay": 0.9}}),
 }
 
 

@@ -201,7 +201,8 @@ class TrainConfig(Section):
         ema_decay: Validate, and keep as ``best/``, an exponential moving average of the
             trainable weights with this decay (see :mod:`fusionkit.training.averaging`);
             0 disables it. Not with ``strategy: fsdp`` under ``torchrun``. Without validation
-            data the average is not used.
+            data the average is not used. Off by default: on the real sets it helped on icons
+            and hurt on emoji (``docs/results/recipe.md``).
         deterministic: Ask torch for deterministic algorithms (``warn_only``).
         tensorboard: Write every epoch's metrics as TensorBoard events into the run folder's
             ``tensorboard/`` (see :mod:`fusionkit.training.tracking`); ``false`` writes none.
