@@ -120,9 +120,11 @@ def assert_identical_replicas(folder):
 @pytest.mark.slow
 def test_two_processes_train_like_one_and_resume(catalogue, bert_without_dropout, tmp_path):
     # Trainable text encoder: no feature cache, DDP over BERT, whose pooler gets no gradient;
-    # unimodal heads beside the fused one, so the sharded loss sums every head's term.
+    # unimodal heads beside the fused one, so the sharded loss sums every head's term; a moving
+    # average of the weights, validated on every rank and resumed from last/.
     config = tiny_config(catalogue, bert_without_dropout, tmp_path, train_text=True)
     config["unimodal_heads"] = {"loss_weight": 0.5}
+    config["train"]["ema_decay"] = 0.9
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     two = tmp_path / "two"
@@ -134,7 +136,8 @@ def test_two_processes_train_like_one_and_resume(catalogue, bert_without_dropout
 
     # Every rank resumes from two/last; the constant learning rate makes --epochs 2 the same
     # run as two epochs in one go.
-    torchrun_train(path, two, "--resume", "--epochs", "2")
+    resumed = torchrun_train(path, two, "--resume", "--epochs", "2")
+    assert "no weight average" not in resumed.stderr
     assert_identical_replicas(two)
     one = tmp_path / "one"
     fit({**config, "train": {**config["train"], "epochs": 2}}, one)

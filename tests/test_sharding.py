@@ -37,6 +37,7 @@ from fusionkit.io import load_weights
 from fusionkit.models import CMACLIP, build_model
 from fusionkit.serving import Predictor
 from fusionkit.training.accelerator import apply_channels_last
+from fusionkit.training.averaging import weight_average
 from fusionkit.training.distributed import DistContext
 from fusionkit.training.optim import build_optimizer
 from fusionkit.training.sharding import (
@@ -150,6 +151,15 @@ def test_sharded_model_runs_saves_and_loads_full_weights(one_rank_group, tiny_be
     load_sharded_weights(model, tmp_path / "other")
     gathered = savable(model).state
     assert all(torch.equal(gathered[k], v) for k, v in other.state_dict().items())
+
+
+def test_a_weight_average_of_a_sharded_model_is_refused(one_rank_group, tiny_bert_dir):
+    model = tiny_model(tiny_bert_dir)
+    assert weight_average(model, 0.99) is not None
+    shard_model(model, one_rank_group)
+    assert weight_average(model, 0.0) is None
+    with pytest.raises(ConfigError, match=r"ema_decay is not supported with train\.strategy: fsdp"):
+        weight_average(model, 0.99)
 
 
 def test_channels_last_cnn_shards_with_contiguous_weights(one_rank_group):
