@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -83,6 +84,23 @@ def manifests(dataset: str) -> dict[str, str]:
     return {split: f"{source}:{split}" for split in ("train", "val", "test")}
 
 
+def _same_run_of_another_preset(
+    dataset: str, preset: str, model: str, seed: int, config: dict[str, Any]
+) -> Path | None:
+    """A finished run of another preset whose resolved config is ``config``: the same
+    training (the text-only model under ``medium`` and ``best``, which differ only in the image
+    encoder), reused rather than trained again."""
+    from fusionkit.training import build_run_config
+    from fusionkit.training.presets import PRESETS
+
+    for other in PRESETS:
+        run = run_dir(dataset, other, model, seed)
+        if (other != preset and (run / "test_report.json").is_file()
+                and build_run_config(run / "config.yaml").to_dict() == config):
+            return run
+    return None
+
+
 def run_model(dataset: str, preset: str, model: str, seed: int) -> dict[str, Any]:
     """Train one model as the CLI does, evaluate it on test, keep val and test predictions.
 
@@ -101,6 +119,10 @@ def run_model(dataset: str, preset: str, model: str, seed: int) -> dict[str, Any
         MODELS[model], train=paths["train"], val=paths["val"],
         tasks=DATASETS[dataset]["tasks"], seed=seed, preset=preset,
     )
+    twin = _same_run_of_another_preset(dataset, preset, model, seed, config.to_dict())
+    if twin is not None:
+        shutil.copytree(twin, run, dirs_exist_ok=True)
+        return json.loads(done.read_text())
     start = time.perf_counter()
     Trainer(config, run, progress=False).fit()
     seconds = time.perf_counter() - start
@@ -275,7 +297,9 @@ def write_report(results: dict[str, dict[str, Any]]) -> None:
         f"(Python {platform.python_version()}), which ran two or three such jobs at once: "
         "times vary with that load. Paired: over the same test samples "
         "and seeds, the zero-config model right where the best baseline of that seed is wrong "
-        "(won) and the reverse (lost); p is McNemar's exact two-sided test.",
+        "(won) and the reverse (lost); p is McNemar's exact two-sided test. A model whose "
+        "resolved config is the same under two presets (the text-only model under `medium` "
+        "and `best`, which differ only in the image encoder) is trained once, its run reused.",
         "",
         "Command: `python -m experiments.accuracy_presets`.",
         "",
