@@ -7,15 +7,17 @@ parameter of the model after each optimizer step::
 
 with ``decay_t = min(d, (1 + t) / (10 + t))`` at update ``t``: a warm-up, so that the average
 does not hold on to the random initial heads. It lasts ``(10d - 1) / (1 - d)`` updates (290
-for ``d = 0.97``, 890 for 0.99), which on a small data set can be the whole run. At the end of every epoch the trainer
-swaps the average into the model (:meth:`WeightAverage.swapped`), validates it, saves it as
-``best/`` when it is the best so far, and swaps the trained weights back to go on training.
-The averaged weights are therefore what the run's reports, ``best/`` and the blend describe;
-``last/`` holds the trained weights and the average beside them, so a resume continues both.
+for ``d = 0.97``, 890 for 0.99), which on a small data set can be the whole run.
+
+At the end of every epoch the trainer swaps the average into the model
+(:meth:`WeightAverage.swapped`), validates it, saves it as ``best/`` when it is the best so
+far, and swaps the trained weights back to go on training. The averaged weights are therefore
+what the run's reports, ``best/`` and the blend describe; ``last/`` holds the trained weights
+and the average beside them, so a resume continues both.
 
 Only trainable parameters are averaged: frozen encoders do not move, and batch norm
 statistics of trainable CNN backbones are the trained model's. A sharded model
-(``train.strategy: fsdp``) is not supported (:func:`check_run_config` says so).
+(``train.strategy: fsdp``) is refused (see :func:`weight_average`).
 
 Examples:
     >>> layer = torch.nn.Linear(2, 1)
