@@ -79,7 +79,7 @@ class WeightAverage:
     def update(self) -> None:
         """Move the average towards the current parameters (after an optimizer step)."""
         weight = 1.0 - self.current_decay()
-        torch._foreach_lerp_(self.averages, [p.detach() for p in self.parameters], weight)
+        torch._foreach_lerp_(self.averages, self.parameters, weight)  # under no_grad
         self.updates += 1
 
     @torch.no_grad()

@@ -221,6 +221,7 @@ def refit_unimodal_heads(
     if min(max_epochs, patience, batch_size) < 1:
         raise ValueError("max_epochs, patience and batch_size must be >= 1")
     results = []
+    device = next(heads.parameters()).device
     for index, modality in enumerate(heads.heads):
         if modality not in train.features or modality not in val.features:
             continue
@@ -231,7 +232,6 @@ def refit_unimodal_heads(
         if len(x_train) == 0 or len(x_val) == 0:
             continue
         head = heads.heads[modality]
-        device = next(heads.parameters()).device
         trained = nn.Sequential(heads.proj[modality], head).to("cpu")
         before = _val_loss(trained, head, x_val, y_val)
         generator = torch.Generator().manual_seed(seed + index)
