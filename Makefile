@@ -6,7 +6,8 @@ STAMP := $(VENV)/.fusionkit-installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: setup demo test lint bench bench-gpu bench-report gpu-check docs docs-serve clean
+.PHONY: setup demo test lint bench bench-gpu bench-report bench-preset gpu-check docs docs-serve \
+	clean
 
 setup: $(STAMP)
 
@@ -56,6 +57,11 @@ gpu-check:
 	@$(if $(wildcard $(PY)),$(PY),$(PYTHON)) -m benchmarks.gpu_check --preflight
 	@$(MAKE) --no-print-directory setup
 	$(PY) -m benchmarks.gpu_check
+
+# The zero-config command on emoji, timed on 2 CPU cores from an empty feature cache against its
+# 15-minute budget (docs/results/default_preset.md): 3-15 minutes.
+bench-preset: setup
+	$(PY) -m benchmarks.default_preset
 
 # One report from every run present (CPU and GPU side by side).
 bench-report: setup

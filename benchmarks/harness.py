@@ -116,8 +116,12 @@ def device_name(device: str) -> str:
     return platform.processor() or platform.machine()
 
 
-def _busy_cpu_seconds() -> float | None:
-    """CPU seconds that every process of the machine has used since boot (Linux)."""
+def busy_cpu_seconds() -> float | None:
+    """CPU seconds that every process of the machine has used since boot (Linux).
+
+    Returns:
+        The busy seconds, or ``None`` where ``/proc/stat`` cannot be read.
+    """
     try:
         with open("/proc/stat") as stat:
             fields = [int(x) for x in stat.readline().split()[1:9]]
@@ -139,11 +143,11 @@ class _OthersMeter:
     def __enter__(self) -> _OthersMeter:
         self.share: float | None = None
         self._wall, self._own = time.perf_counter(), time.process_time()
-        self._busy = _busy_cpu_seconds()
+        self._busy = busy_cpu_seconds()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        busy = _busy_cpu_seconds()
+        busy = busy_cpu_seconds()
         wall = time.perf_counter() - self._wall
         if busy is None or self._busy is None or wall <= 0:
             return
