@@ -59,7 +59,7 @@ gpu-check:
 	$(PY) -m benchmarks.gpu_check
 
 # The zero-config command on emoji, timed on 2 CPU cores from an empty feature cache against its
-# 15-minute budget (docs/results/default_preset.md): 3-15 minutes.
+# 15-minute budget (docs/results/default_preset.md); 3 rounds of about 3 minutes each here.
 bench-preset: setup
 	$(PY) -m benchmarks.default_preset
 
