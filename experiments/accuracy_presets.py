@@ -52,8 +52,9 @@ MODELS: dict[str, dict[str, Any] | None] = {
     "image_only": {"text": None},
 }
 BASELINES = ("text_only", "image_only", "late_fusion")
-#: Data set → a shipped config tuned by hand, and the data set it was tuned on (``--presets
-#: tuned``): trained on train with its own schedule, ``best/`` chosen on val like the presets'.
+#: Data set → a shipped config written by hand, and the data set it was written and tuned for
+#: (``--presets tuned``): trained on train with its own schedule, ``best/`` chosen on val like
+#: the presets'.
 TUNED: dict[str, tuple[str, str]] = {
     "emoji": ("configs/ablations/cma_clip.yaml", "emoji"),
     "icons": ("configs/ablations/cma_clip.yaml", "emoji"),
@@ -420,8 +421,8 @@ def write_report(results: dict[str, dict[str, Any]]) -> None:
             per_seed = ", ".join(_fmt(r["accuracy"]) for r in tuned["runs"])
             seconds = statistics.fmean(r["train_seconds"] for r in tuned["runs"])
             lines += [
-                f"Tuned by hand (`{tuned['config']}`, tuned on {tuned['tuned_on']}; its own "
-                "schedule, trained on train with `best/` chosen on val like the presets): "
+                f"The config written by hand for {tuned['tuned_on']} (`{tuned['config']}`; its "
+                "own schedule, trained on train with `best/` chosen on val like the presets): "
                 f"{_fmt(tuned['mean'])} ± {_fmt(tuned['sd'])} over {len(tuned['runs'])} "
                 f"seeds ({per_seed}), {seconds:.0f} s of training per run.",
                 "",
@@ -435,7 +436,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=list(DATASETS))
     parser.add_argument("--presets", nargs="+", default=["fast", "medium"],
-                        help="presets, and `tuned` for the tuned configs of TUNED")
+                        help="presets, and `tuned` for the hand-written configs of TUNED")
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--report-only", action="store_true",
                         help="rewrite the page from runs/presets/results.json")
