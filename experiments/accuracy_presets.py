@@ -296,8 +296,10 @@ def finished_seeds(dataset: str, preset: str) -> set[int]:
     """The seeds of one data set and preset (or ``tuned``) whose every model has a finished
     run."""
     if preset == "tuned":
-        return {seed for seed in range(100)
-                if (tuned_dir(dataset, seed) / "test_report.json").is_file()}
+        folder = tuned_dir(dataset, 0).parent
+        stem = Path(TUNED[dataset][0]).stem
+        return {int(done.parent.name.rsplit("-s", 1)[1])
+                for done in folder.glob(f"{stem}-s*/test_report.json")}
     found = set()
     for done in (ROOT / dataset / preset).glob("zero-config-s*/test_report.json"):
         seed = int(done.parent.name.rsplit("-s", 1)[1])
