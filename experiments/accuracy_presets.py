@@ -117,8 +117,7 @@ def run_model(dataset: str, preset: str, model: str, seed: int) -> dict[str, Any
     Returns:
         The test report plus ``seed`` and ``train_seconds`` (wall time of ``fit``).
     """
-    from fusionkit.serving import Predictor
-    from fusionkit.training import Trainer, build_run_config, evaluate_checkpoint
+    from fusionkit.training import build_run_config
 
     run = run_dir(dataset, preset, model, seed)
     done = run / "test_report.json"
@@ -133,15 +132,32 @@ def run_model(dataset: str, preset: str, model: str, seed: int) -> dict[str, Any
     if twin is not None:
         shutil.copytree(twin, run, dirs_exist_ok=True)
         return json.loads(done.read_text())
+    return _fit_and_test(config, run, paths, seed, predictions=True)
+
+
+def _fit_and_test(
+    config: Any, run: Path, paths: dict[str, str], seed: int, *, predictions: bool
+) -> dict[str, Any]:
+    """Train ``config`` into ``run``, evaluate it on test and write ``test_report.json``
+    (with ``predictions``, also the val and test predictions, for the late fusion and the
+    paired test).
+
+    Returns:
+        The test report plus ``seed`` and ``train_seconds`` (wall time of ``fit``).
+    """
+    from fusionkit.serving import Predictor
+    from fusionkit.training import Trainer, evaluate_checkpoint
+
     start = time.perf_counter()
     Trainer(config, run, progress=False).fit()
     seconds = time.perf_counter() - start
-    predictor = Predictor.from_pretrained(run, device="cpu")
-    for split in ("val", "test"):
-        predictor.predict_manifest(paths[split], run / f"{split}_predictions.jsonl")
+    if predictions:
+        predictor = Predictor.from_pretrained(run, device="cpu")
+        for split in ("val", "test"):
+            predictor.predict_manifest(paths[split], run / f"{split}_predictions.jsonl")
     report = evaluate_checkpoint(run, paths["test"], output=run / "test.json")
     report = {**report, "seed": seed, "train_seconds": round(seconds, 1)}
-    done.write_text(json.dumps(report, indent=2))
+    (run / "test_report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
@@ -253,7 +269,7 @@ def run_tuned(dataset: str, seed: int) -> dict[str, Any]:
         The test report plus ``seed`` and ``train_seconds`` (wall time of ``fit``).
     """
     from fusionkit.io import read_yaml
-    from fusionkit.training import Trainer, build_run_config, evaluate_checkpoint
+    from fusionkit.training import build_run_config
 
     run = tuned_dir(dataset, seed)
     done = run / "test_report.json"
@@ -266,13 +282,7 @@ def run_tuned(dataset: str, seed: int) -> dict[str, Any]:
     paths = manifests(dataset)
     config = build_run_config(raw, train=paths["train"], val=paths["val"],
                               tasks=DATASETS[dataset]["tasks"], seed=seed)
-    start = time.perf_counter()
-    Trainer(config, run, progress=False).fit()
-    seconds = time.perf_counter() - start
-    report = evaluate_checkpoint(run, paths["test"], output=run / "test.json")
-    report = {**report, "seed": seed, "train_seconds": round(seconds, 1)}
-    done.write_text(json.dumps(report, indent=2))
-    return report
+    return _fit_and_test(config, run, paths, seed, predictions=False)
 
 
 def evaluate_tuned(dataset: str, seeds: list[int]) -> dict[str, Any]:
@@ -292,21 +302,18 @@ def evaluate_tuned(dataset: str, seeds: list[int]) -> dict[str, Any]:
     }
 
 
+def _seeds_done(folder: Path, name: str) -> set[int]:
+    """The seeds of the finished runs ``folder/<name>-s<seed>``."""
+    return {int(done.parent.name.rsplit("-s", 1)[1])
+            for done in folder.glob(f"{name}-s*/test_report.json")}
+
+
 def finished_seeds(dataset: str, preset: str) -> set[int]:
     """The seeds of one data set and preset (or ``tuned``) whose every model has a finished
     run."""
     if preset == "tuned":
-        folder = tuned_dir(dataset, 0).parent
-        stem = Path(TUNED[dataset][0]).stem
-        return {int(done.parent.name.rsplit("-s", 1)[1])
-                for done in folder.glob(f"{stem}-s*/test_report.json")}
-    found = set()
-    for done in (ROOT / dataset / preset).glob("zero-config-s*/test_report.json"):
-        seed = int(done.parent.name.rsplit("-s", 1)[1])
-        if all((run_dir(dataset, preset, m, seed) / "test_report.json").is_file()
-               for m in MODELS):
-            found.add(seed)
-    return found
+        return _seeds_done(tuned_dir(dataset, 0).parent, Path(TUNED[dataset][0]).stem)
+    return set.intersection(*(_seeds_done(ROOT / dataset / preset, m) for m in MODELS))
 
 
 def evaluate_cell(dataset: str, preset: str, seeds: list[int]) -> dict[str, Any]:
