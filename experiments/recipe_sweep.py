@@ -61,6 +61,7 @@ CANDIDATES: dict[str, tuple[str | None, dict[str, Any]]] = {
     "medium, EMA of weights 0.99": ("medium", {"train": {"ema_decay": 0.99}}),
     "medium, EMA of weights 0.97": ("medium", {"train": {"ema_decay": 0.97}}),
     "medium, EMA of weights 0.9": ("medium", {"train": {"ema_decay": 0.9}}),
+    "medium, label smoothing 0.1": ("medium", {"train": {"label_smoothing": 0.1}}),
 }
 
 

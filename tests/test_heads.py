@@ -66,6 +66,49 @@ def test_total_loss_is_weighted_sum_and_class_weights_apply():
     assert_close(weighted, expected)
 
 
+def test_label_smoothing_matches_the_smoothed_targets_by_hand():
+    logits = torch.randn(4, 3)
+    target = torch.tensor([0, 2, -100, 1])
+    eps = 0.2
+    keep = target != -100
+    soft = torch.full((4, 3), eps / 3) + (1 - eps) * F.one_hot(target.clamp(min=0), 3)
+    by_hand = -(soft[keep] * logits[keep].log_softmax(1)).sum(1).mean()
+    assert_close(task_loss(logits, target, TaskSpec(3), label_smoothing=eps), by_hand)
+    multi = torch.tensor([[1.0, 0.0, 1.0], [float("nan")] * 3, [0.0, 0.0, 1.0], [1.0] * 3])
+    kept = ~multi.isnan().any(1)
+    expected = F.binary_cross_entropy_with_logits(logits[kept], multi[kept] * 0.8 + 0.1)
+    assert_close(task_loss(logits, multi, TaskSpec(3, multi_label=True), label_smoothing=eps),
+                 expected)
+    assert_close(task_loss(logits, target, TaskSpec(3), label_smoothing=0.0),
+                 task_loss(logits, target, TaskSpec(3)))
+
+
+def test_head_label_smoothing_applies_to_every_task_and_with_class_weights():
+    head = MultiTaskHead(8, TASKS)
+    logits = head(torch.randn(4, 8))
+    targets = {"color": torch.tensor([0, 1, 2, 1]),
+               "pattern": torch.tensor([[1.0, 0, 0, 1]] * 4)}
+    head.set_class_weight("color", torch.tensor([1.0, 2.0, 0.5]))
+    head.set_label_smoothing(0.1)
+    parts = head.task_losses(logits, targets)
+    assert_close(parts["color"], F.cross_entropy(
+        logits["color"], targets["color"], weight=torch.tensor([1.0, 2.0, 0.5]),
+        label_smoothing=0.1))
+    assert_close(parts["pattern"], F.binary_cross_entropy_with_logits(
+        logits["pattern"], targets["pattern"] * 0.9 + 0.05))
+    head.set_label_smoothing(0.0)
+    assert_close(head.task_losses(logits, targets)["pattern"],
+                 F.binary_cross_entropy_with_logits(logits["pattern"], targets["pattern"]))
+
+
+@pytest.mark.parametrize("value", [-0.1, 1.0, 1.5])
+def test_bad_label_smoothing_is_refused(value):
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        MultiTaskHead(8, TASKS).set_label_smoothing(value)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        task_loss(torch.zeros(1, 2), torch.tensor([0]), TaskSpec(2), label_smoothing=value)
+
+
 def test_bad_targets():
     head = MultiTaskHead(8, TASKS)
     logits = head(torch.randn(2, 8))

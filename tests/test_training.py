@@ -299,3 +299,21 @@ def test_modality_swap_runs_on_every_training_batch(catalogue, tiny_bert_dir, tm
     fit(config, tmp_path / "run")
     # 40 training samples in batches of 8; validation batches are never swapped.
     assert calls == [(0.5, "image", 8)] * 5
+
+
+def test_label_smoothing_reaches_every_head_and_changes_only_the_training(catalogue,
+                                                                          tiny_bert_dir, tmp_path):
+    config = tiny_config(catalogue, tiny_bert_dir, tmp_path, epochs=1, label_smoothing=0.2)
+    config["unimodal_heads"] = {"loss_weight": 1.0}
+    trainer = Trainer(build_run_config(config), tmp_path / "smooth", progress=False)
+    smooth = trainer.fit()
+    heads = [trainer.model.head, *trainer.model.unimodal.heads.values()]
+    assert len(heads) == 3 and all(h.label_smoothing == 0.2 for h in heads)
+    plain = fit({**config, "train": {**config["train"], "label_smoothing": 0.0}},
+                tmp_path / "plain")
+    assert smooth.history[0]["train_loss"] != plain.history[0]["train_loss"]
+    # A training choice: the checkpoint loads without it.
+    assert CMACLIP.from_pretrained(tmp_path / "smooth" / "best").head.label_smoothing == 0.0
+    for bad in (1.0, -0.1):
+        with pytest.raises(ConfigError, match=r"train\.label_smoothing"):
+            parse_section(TrainConfig, {"label_smoothing": bad}, "train")

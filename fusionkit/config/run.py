@@ -171,6 +171,9 @@ class TrainConfig(Section):
         seed: Seed of model init, shuffling, dropout and augmentation.
         device: ``auto`` (CUDA when available), ``cpu`` or ``cuda``.
         class_weight: ``balanced`` weights every task's loss by inverse class frequency.
+        label_smoothing: Smooth the training targets of every head by this much (see
+            :func:`~fusionkit.heads.task_loss`); 0 disables it. The validation loss logged
+            during training is smoothed too; evaluation and the blend fit are not.
         augment: Random crop and flip on training images (not when image features are cached).
         modality_dropout: Probability that a training sample has one of its modalities hidden
             (see :func:`~fusionkit.training.augment.drop_modalities`); 0 disables it.
@@ -227,6 +230,7 @@ class TrainConfig(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     class_weight: Literal["none", "balanced"] = "none"
+    label_smoothing: Decay = 0.0
     augment: bool = True
     modality_dropout: Fraction = 0.0
     modality_swap: Fraction = 0.0

@@ -17,7 +17,11 @@ __all__ = ["MultiTaskHead", "hide_labels", "task_loss"]
 
 
 def task_loss(
-    logits: Tensor, target: Tensor, spec: TaskSpec, class_weight: Tensor | None = None
+    logits: Tensor,
+    target: Tensor,
+    spec: TaskSpec,
+    class_weight: Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> Tensor:
     """The loss of one task over a batch, ignoring samples whose label is missing.
 
@@ -31,13 +35,26 @@ def task_loss(
         target: ``(B,)`` int class indices, or ``(B, C)`` float multi-hot for multi-label.
         spec: The task.
         class_weight: Optional ``(C,)`` weights (CE class weights / BCE positive weights).
+        label_smoothing: ``ε`` in ``[0, 1)``: the single-label target becomes ``1 - ε`` on
+            the class plus ``ε / C`` spread over all classes (as
+            ``torch.nn.functional.cross_entropy``); a multi-label target ``y`` becomes
+            ``y (1 - ε) + ε / 2``.
 
     Returns:
         A scalar tensor.
 
     Raises:
         ShapeError: The target has the wrong shape, dtype or an out-of-range class index.
+        ValueError: ``label_smoothing`` outside ``[0, 1)``.
+
+    Examples:
+        >>> spec = TaskSpec(2)
+        >>> logits, target = torch.tensor([[2.0, 0.0]]), torch.tensor([0])
+        >>> task_loss(logits, target, spec) < task_loss(logits, target, spec, label_smoothing=0.2)
+        tensor(True)
     """
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
     if spec.multi_label:
         if target.shape != logits.shape or not target.is_floating_point():
             raise ShapeError(
@@ -47,9 +64,8 @@ def task_loss(
         keep = ~target.isnan().any(dim=1)
         if not bool(keep.any()):
             return logits.sum() * 0.0
-        return F.binary_cross_entropy_with_logits(
-            logits[keep], target[keep], pos_weight=class_weight
-        )
+        smoothed = target[keep] * (1.0 - label_smoothing) + label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits[keep], smoothed, pos_weight=class_weight)
     if target.shape != logits.shape[:1] or target.is_floating_point() or target.dtype == torch.bool:
         raise ShapeError(
             f"single-label target must be an integer (B,) = ({logits.shape[0]},) tensor of class "
@@ -62,7 +78,9 @@ def task_loss(
         )
     if not bool(keep.any()):
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[keep], target[keep], weight=class_weight)
+    return F.cross_entropy(
+        logits[keep], target[keep], weight=class_weight, label_smoothing=label_smoothing
+    )
 
 
 def hide_labels(targets: Mapping[str, Tensor], keep: Tensor | None = None) -> dict[str, Tensor]:
@@ -144,6 +162,7 @@ class MultiTaskHead(nn.Module):
                     nn.LayerNorm(dim), nn.Dropout(dropout), nn.Linear(dim, spec.num_classes)
                 )
         self._class_weights: dict[str, str] = {}
+        self.label_smoothing = 0.0
 
     def set_class_weight(self, task: str, weight: Tensor | None) -> None:
         """Weight the classes of ``task`` in its loss (e.g. inverse frequency); ``None`` clears.
@@ -164,6 +183,17 @@ class MultiTaskHead(nn.Module):
         # Not persistent: a training choice, not part of the model weights.
         self.register_buffer(buffer, weight.detach().float().clone(), persistent=False)
         self._class_weights[task] = buffer
+
+    def set_label_smoothing(self, value: float) -> None:
+        """Smooth the targets of every task in the loss by ``value`` (see `task_loss`); 0
+        turns it off. Like the class weights, a training choice that is not saved.
+
+        Raises:
+            ValueError: ``value`` outside ``[0, 1)``.
+        """
+        if not 0.0 <= value < 1.0:
+            raise ValueError(f"label_smoothing must lie in [0, 1), got {value}")
+        self.label_smoothing = float(value)
 
     def forward(self, features: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Classify.
@@ -212,7 +242,8 @@ class MultiTaskHead(nn.Module):
             buffer = self._class_weights.get(name)
             weight = getattr(self, buffer) if buffer else None
             losses[name] = task_loss(
-                logits[name], target.to(logits[name].device), self.tasks[name], weight
+                logits[name], target.to(logits[name].device), self.tasks[name], weight,
+                self.label_smoothing,
             )
         return losses
 

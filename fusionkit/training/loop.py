@@ -382,8 +382,10 @@ class Trainer:
                 for head in _heads(model):
                     head.set_class_weight(task, weight)
                 self._class_weight_tensors[task] = weight
-        # A plain copy of the unimodal heads (with their class weights), for the refit after
-        # the epochs: the model's own may be sharded by then.
+        for head in _heads(model):
+            head.set_label_smoothing(cfg.label_smoothing)
+        # A plain copy of the unimodal heads (with their class weights and smoothing), for the
+        # refit after the epochs: the model's own may be sharded by then.
         unimodal = getattr(model, "unimodal", None)
         if unimodal is not None and cfg.refit_heads:
             self._head_template = copy.deepcopy(unimodal)
