@@ -16,6 +16,12 @@ from fusionkit.tasks import MISSING_LABEL, TaskSpec, parse_tasks
 __all__ = ["MultiTaskHead", "hide_labels", "task_loss"]
 
 
+def _check_smoothing(value: float) -> float:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1), got {value}")
+    return float(value)
+
+
 def task_loss(
     logits: Tensor,
     target: Tensor,
@@ -53,8 +59,7 @@ def task_loss(
         >>> task_loss(logits, target, spec) < task_loss(logits, target, spec, label_smoothing=0.2)
         tensor(True)
     """
-    if not 0.0 <= label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1), got {label_smoothing}")
+    _check_smoothing(label_smoothing)
     if spec.multi_label:
         if target.shape != logits.shape or not target.is_floating_point():
             raise ShapeError(
@@ -191,9 +196,7 @@ class MultiTaskHead(nn.Module):
         Raises:
             ValueError: ``value`` outside ``[0, 1)``.
         """
-        if not 0.0 <= value < 1.0:
-            raise ValueError(f"label_smoothing must lie in [0, 1), got {value}")
-        self.label_smoothing = float(value)
+        self.label_smoothing = _check_smoothing(value)
 
     def forward(self, features: Tensor | Mapping[str, Tensor]) -> dict[str, Tensor]:
         """Classify.
