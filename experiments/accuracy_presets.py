@@ -197,8 +197,15 @@ def _scores(preds: dict[str, dict[str, Any]], ids: list[str], task: str, classes
     return torch.tensor([[preds[i][task]["scores"][c] for c in classes] for i in ids])
 
 
-def late_fusion(dataset: str, preset: str, seed: int, tasks: list[str]) -> dict[str, Any]:
-    """Blend the text-only and image-only models of one seed with weights fit on val.
+def late_fusion(
+    dataset: str,
+    preset: str,
+    seed: int,
+    tasks: list[str],
+    models: tuple[str, ...] = ("text_only", "image_only"),
+) -> dict[str, Any]:
+    """Blend the finished runs of ``models`` (by default the text-only and image-only models)
+    of one seed with weights fit on val.
 
     Returns:
         ``accuracy`` (task → test accuracy), ``weights`` (task → source → weight) and the
@@ -210,8 +217,8 @@ def late_fusion(dataset: str, preset: str, seed: int, tasks: list[str]) -> dict[
     from fusionkit.training.blend import blend_probabilities, fit_blend
 
     specs = infer_tasks(manifests(dataset)["train"], tasks)
-    runs = {"text": run_dir(dataset, preset, "text_only", seed),
-            "image": run_dir(dataset, preset, "image_only", seed)}
+    # A source is named after its model: "text" for text_only, as in the model's own blend.
+    runs = {m.removesuffix("_only"): run_dir(dataset, preset, m, seed) for m in models}
     labels = {split: _labels(dataset, split, tasks) for split in ("val", "test")}
     preds = {
         split: {m: {p["id"]: p for p in _predictions(run, split)} for m, run in runs.items()}
@@ -247,7 +254,7 @@ def late_fusion(dataset: str, preset: str, seed: int, tasks: list[str]) -> dict[
     return result
 
 
-def _correct_flags(dataset: str, run: Path, tasks: list[str]) -> dict[str, dict[str, float]]:
+def correct_flags(dataset: str, run: Path, tasks: list[str]) -> dict[str, dict[str, float]]:
     labels = _labels(dataset, "test", tasks)
     flags: dict[str, dict[str, float]] = {t: {} for t in tasks}
     for pred in _predictions(run, "test"):
@@ -255,6 +262,20 @@ def _correct_flags(dataset: str, run: Path, tasks: list[str]) -> dict[str, dict[
             if task in labels.get(pred["id"], {}):
                 flags[task][pred["id"]] = _correct(pred[task], labels[pred["id"]][task])
     return flags
+
+
+def paired_counts(
+    ours: dict[str, dict[str, float]], other: dict[str, dict[str, float]]
+) -> tuple[int, int]:
+    """Over every task and test sample of ``ours``: how often it is right where ``other`` is
+    wrong (won), and the reverse (lost); the flags are task → sample id → 0/1 (or a
+    multi-label sample's Jaccard score)."""
+    wins = losses = 0
+    for task, samples in ours.items():
+        for sample, right in samples.items():
+            wins += right > other[task][sample]
+            losses += other[task][sample] > right
+    return wins, losses
 
 
 def tuned_dir(dataset: str, seed: int) -> Path:
@@ -339,16 +360,13 @@ def evaluate_cell(dataset: str, preset: str, seeds: list[int]) -> dict[str, Any]
             "accuracy": statistics.fmean(fused["accuracy"].values()),
             "weights": fused["weights"],
         })
-        flags = {m: _correct_flags(dataset, run_dir(dataset, preset, m, seed), tasks)
+        flags = {m: correct_flags(dataset, run_dir(dataset, preset, m, seed), tasks)
                  for m in ("text_only", "image_only")}
         flags["late_fusion"] = fused["correct"]
         best = max(BASELINES, key=lambda m: per_model[m][-1]["accuracy"])
-        ours = _correct_flags(dataset, run_dir(dataset, preset, "zero-config", seed), tasks)
-        for task in tasks:
-            for sample, right in ours[task].items():
-                other = flags[best][task][sample]
-                wins += right > other
-                losses += other > right
+        ours = correct_flags(dataset, run_dir(dataset, preset, "zero-config", seed), tasks)
+        won, lost = paired_counts(ours, flags[best])
+        wins, losses = wins + won, losses + lost
     summary = {
         model: {
             "runs": runs,
