@@ -288,7 +288,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"checkpoint: {result.last_dir} (final weights)")
         return 0
     if trainer.val_report is not None:
-        print(f"validation, best checkpoint:\n{format_report(trainer.val_report)}")
+        what = ("the blend of the best checkpoint and the unimodal models (members.json)"
+                if trainer.val_report.get("members") else "best checkpoint")
+        print(f"validation, {what}:\n{format_report(trainer.val_report)}")
     print(
         f"trained {len(result.history)} epoch(s); best mean val accuracy "
         f"{result.best_score:.4f}; last {last['val_mean_accuracy']:.4f}"

@@ -14,10 +14,11 @@ from fusionkit.cli import main
 from fusionkit.data import generate_catalogue
 from fusionkit.errors import ConfigError, ShapeError
 from fusionkit.models import CMACLIP, ModelConfig, build_model
+from fusionkit.models.blending import blend_probabilities
 from fusionkit.models.unimodal import LateFusionBlend, masked_mean
 from fusionkit.tasks import parse_tasks
 from fusionkit.training import Trainer, build_run_config, format_report
-from fusionkit.training.blend import blend_probabilities, fit_blend, simplex_grid
+from fusionkit.training.blend import fit_blend, simplex_grid
 from fusionkit.training.evaluate import fusion_warnings
 from fusionkit.training.presets import DEFAULT_PRESET, PRESETS, apply_preset
 

@@ -206,6 +206,13 @@ class TrainConfig(Section):
             0 disables it. Not with ``strategy: fsdp`` under ``torchrun``. Without validation
             data the average is not used. Off by default: on the real sets it helped on icons
             and hurt on emoji (``docs/results/recipe.md``).
+        unimodal_models: After the fused model, train a text-only and an image-only model
+            with the same recipe (``vision: null`` / ``text: null``) into the run folder's
+            ``unimodal/``, and blend the three per task with weights fit on validation data
+            (see :mod:`fusionkit.training.members`): the run folder then evaluates, predicts
+            and serves as that blend, while its ``best/`` stays the fused model alone. Needs
+            the ``vision:`` / ``text:`` shorthand with both encoders and validation data;
+            about doubles the training time.
         deterministic: Ask torch for deterministic algorithms (``warn_only``).
         tensorboard: Write every epoch's metrics as TensorBoard events into the run folder's
             ``tensorboard/`` (see :mod:`fusionkit.training.tracking`); ``false`` writes none.
@@ -243,6 +250,7 @@ class TrainConfig(Section):
     early_stopping: NonNegative = 0
     refit_heads: bool = False
     ema_decay: Decay = 0.0
+    unimodal_models: bool = False
     deterministic: bool = True
     tensorboard: bool = True
 

@@ -52,7 +52,8 @@ from fusionkit.data import input_image_configs
 from fusionkit.errors import CheckpointError, ConfigError, FusionkitError, MissingDependencyError
 from fusionkit.io import write_json
 from fusionkit.models import CMACLIP
-from fusionkit.runs import CONFIG_FILE, resolve_run_dir
+from fusionkit.models.members import MEMBERS_FILE, members_run
+from fusionkit.runs import BEST, CONFIG_FILE, resolve_run_dir
 
 __all__ = ["EXPORT_FILE", "FORMATS", "ONNX_FILE", "export_onnx", "is_export_dir"]
 
@@ -311,7 +312,8 @@ def export_onnx(
         The export folder.
 
     Raises:
-        CheckpointError: ``checkpoint`` is not a loadable checkpoint (or is an export).
+        CheckpointError: ``checkpoint`` is not a loadable checkpoint (or is an export, or a
+            run folder with a member blend: export its ``best/``).
         ConfigError: ``out`` is the checkpoint folder, a text encoder has no Hugging Face
             tokenizer, or the graph disagrees with the model.
         MissingDependencyError: onnx, onnxscript or onnxruntime is not installed.
@@ -323,6 +325,12 @@ def export_onnx(
     require_export_dependencies()
     if is_export_dir(checkpoint):
         raise CheckpointError(f"{checkpoint} is an ONNX export; export a run or checkpoint folder")
+    if members_run(checkpoint) is not None:
+        raise CheckpointError(
+            f"{checkpoint} is the blend of a fused model and its unimodal models "
+            f"({MEMBERS_FILE}, train.unimodal_models), which one ONNX graph does not hold; "
+            f"export {Path(checkpoint) / BEST} for the fused model alone"
+        )
     folder = resolve_run_dir(checkpoint)
     model = CMACLIP.from_pretrained(folder, map_location="cpu")
     out = Path(out)

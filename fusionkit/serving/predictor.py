@@ -20,6 +20,8 @@ from fusionkit.data import build_image_transform, image_data_config, open_image
 from fusionkit.device import autocast, inference_dtype, resolve_device
 from fusionkit.errors import DataError
 from fusionkit.models import CMACLIP
+from fusionkit.models.members import MemberBlend, members_run
+from fusionkit.models.unimodal import FUSED
 from fusionkit.runs import resolve_run_dir, run_precision
 from fusionkit.serving.export import is_export_dir
 from fusionkit.tasks import MULTI_LABEL_THRESHOLD
@@ -27,7 +29,7 @@ from fusionkit.tasks import MULTI_LABEL_THRESHOLD
 if TYPE_CHECKING:
     from fusionkit.serving.manifest import ManifestPredictions
 
-__all__ = ["Predictor"]
+__all__ = ["MemberPredictor", "Predictor"]
 
 
 class Predictor:
@@ -76,6 +78,9 @@ class Predictor:
     ) -> Predictor:
         """Load a checkpoint folder (or a run folder: its ``best/``), or an ONNX export.
 
+        A run folder trained with ``train.unimodal_models`` gives a :class:`MemberPredictor`:
+        the blend of its fused and unimodal models, as ``fusionkit evaluate`` scores it.
+
         An export folder (one with ``export.json``, written by
         :func:`~fusionkit.serving.export_onnx`) gives an
         :class:`~fusionkit.serving.OnnxPredictor`, with the same ``predict`` and
@@ -102,6 +107,10 @@ class Predictor:
             >>> type(Predictor.from_pretrained("exports/quickstart")).__name__  # doctest: +SKIP
             'OnnxPredictor'
         """
+        run = members_run(directory)
+        if run is not None:
+            return MemberPredictor.from_run(run, device=device, batch_size=batch_size,
+                                            precision=precision)
         if is_export_dir(directory):
             # From the package: onnx_predictor imports this module for the base class.
             from fusionkit.serving import OnnxPredictor
@@ -165,23 +174,33 @@ class Predictor:
             raise DataError(f"the inputs have different numbers of samples: {counts}")
         return named
 
-    def _describe(self, output: Any, row: int) -> dict[str, Any]:
+    def _forward(
+        self, values: dict[str, Any], present: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Task → logits and task → modality weights of one batch."""
+        output = self.model(inputs=values, present=present)
+        return output.logits, output.modality_weights
+
+    def _describe(
+        self, logits: dict[str, torch.Tensor], modality_weights: dict[str, torch.Tensor],
+        row: int,
+    ) -> dict[str, Any]:
         result: dict[str, Any] = {}
         for task, spec in self.model.tasks.items():
-            logits = output.logits[task][row].float()
+            task_logits = logits[task][row].float()
             names = spec.class_names()
             weights = {
                 m: round(float(w), 6)
-                for m, w in zip(self.model.modalities, output.modality_weights[task][row],
+                for m, w in zip(self.model.modalities, modality_weights[task][row],
                                 strict=True)
             }
             if spec.multi_label:
-                probs = logits.sigmoid()
+                probs = task_logits.sigmoid()
                 labels = [n for n, p in zip(names, probs, strict=True)
                           if p >= MULTI_LABEL_THRESHOLD]
                 entry: dict[str, Any] = {"labels": labels}
             else:
-                probs = logits.softmax(dim=0)
+                probs = task_logits.softmax(dim=0)
                 best = int(probs.argmax())
                 entry = {"label": names[best], "score": round(float(probs[best]), 6)}
             entry["scores"] = {n: round(float(p), 6) for n, p in zip(names, probs, strict=True)}
@@ -250,8 +269,8 @@ class Predictor:
             stop = min(count, start + self.batch_size)
             values, present = self._tensors(named, start, stop)
             with autocast(self.device, self.precision):
-                output = self.model(inputs=values, present=present)
-            results.extend(self._describe(output, row) for row in range(stop - start))
+                logits, weights = self._forward(values, present)
+            results.extend(self._describe(logits, weights, row) for row in range(stop - start))
         return results
 
     def predict_manifest(
@@ -279,3 +298,83 @@ class Predictor:
         from fusionkit.serving.manifest import predict_manifest
 
         return predict_manifest(self, manifest, out, progress=progress)
+
+
+class MemberPredictor(Predictor):
+    """The blend of a run's fused model and its unimodal models (``train.unimodal_models``).
+
+    Each batch runs the fused model and every unimodal model on its own input, and mixes
+    their probabilities with the run's ``members.json`` (see
+    :mod:`fusionkit.training.members`): the predictions ``fusionkit evaluate`` scores for the
+    run folder. A model whose input a sample lacks is left out of that sample's mixture. The
+    modality weights are the fused model's. ``model`` is the fused model.
+
+    Args:
+        fused: The predictor of the fused model (``run/best``).
+        members: Input name (``text``, ``image``) → the predictor of that unimodal model.
+        blend: The run's blend.
+
+    Examples:
+        >>> predictor = Predictor.from_pretrained("runs/x")  # doctest: +SKIP
+        >>> type(predictor).__name__, sorted(predictor.members)  # doctest: +SKIP
+        ('MemberPredictor', ['image', 'text'])
+    """
+
+    def __init__(
+        self, fused: Predictor, members: dict[str, Predictor], blend: MemberBlend
+    ) -> None:
+        super().__init__(fused.model, fused.image_transform, fused.device, fused.batch_size,
+                         image_transforms=fused.image_transforms, precision=fused.precision)
+        self.members = dict(members)
+        self.blend = blend
+
+    @classmethod
+    def from_run(
+        cls,
+        run: str | os.PathLike[str],
+        device: str = "auto",
+        batch_size: int = 32,
+        precision: str | None = None,
+    ) -> MemberPredictor:
+        """Load a run folder with ``members.json``; arguments as in
+        :meth:`Predictor.from_pretrained`.
+
+        Raises:
+            CheckpointError: ``members.json`` or a member's checkpoint cannot be loaded.
+        """
+        blend = MemberBlend.load(run)
+        loaded = {
+            name: Predictor.from_pretrained(folder, device=device, batch_size=batch_size,
+                                            precision=precision)
+            for name, folder in blend.folders(run).items()
+        }
+        fused = loaded.pop(FUSED)
+        return cls(fused, loaded, blend)
+
+    def _forward(
+        self, values: dict[str, Any], present: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        output = self.model(inputs=values, present=present)
+        count = next(iter(output.logits.values())).shape[0]
+        scores = {FUSED: {t: self._probabilities(t, x) for t, x in output.logits.items()}}
+        available = {FUSED: torch.ones(count, dtype=torch.bool)}
+        for name, member in self.members.items():
+            seen = output.present.get(name)
+            if name not in values or seen is None:
+                scores[name] = {t: torch.zeros_like(p) for t, p in scores[FUSED].items()}
+                available[name] = torch.zeros(count, dtype=torch.bool)
+                continue
+            flags = {name: present[name]} if name in present else None
+            logits = member.model(inputs={name: values[name]}, present=flags).logits
+            scores[name] = {t: self._probabilities(t, x) for t, x in logits.items()}
+            available[name] = seen.cpu()
+        blended = {
+            task: self.blend.logits(task, {s: by_task[task] for s, by_task in scores.items()},
+                                    spec.multi_label, available)
+            for task, spec in self.model.tasks.items()
+        }
+        return blended, output.modality_weights
+
+    def _probabilities(self, task: str, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.float().cpu()
+        return logits.sigmoid() if self.model.tasks[task].multi_label else logits.softmax(1)

@@ -22,10 +22,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fusionkit.errors import ConfigError
+from fusionkit.models.blending import availability, log_scores, mix_sources
 from fusionkit.tasks import TaskSpec
 from fusionkit.training.metrics import valid_rows
 
-__all__ = ["SCALES", "BlendFit", "blend_probabilities", "fit_blend", "simplex_grid"]
+__all__ = ["SCALES", "BlendFit", "fit_blend", "simplex_grid"]
 
 #: The scales (inverse temperatures) :func:`fit_blend` tries.
 SCALES = (0.25, 0.35, 0.5, 0.7, 1.0, 1.4, 2.0, 2.8, 4.0)
@@ -43,9 +44,6 @@ class BlendFit(NamedTuple):
     weights: dict[str, float]
     scale: float
     log_loss: float
-
-_EPS = 1e-6
-
 
 def simplex_grid(sources: int, steps: int) -> Iterator[tuple[float, ...]]:
     """Every weight vector of ``sources`` non-negative multiples of ``1/steps`` summing to 1.
@@ -67,73 +65,10 @@ def simplex_grid(sources: int, steps: int) -> Iterator[tuple[float, ...]]:
         yield tuple(c / steps for c in reversed(counts))
 
 
-def _log_scores(probabilities: Tensor, multi_label: bool) -> Tensor:
-    """Probabilities back to the blend's space: log-probabilities or logits."""
-    p = probabilities.double().clamp(_EPS, 1 - _EPS)
-    return torch.log(p / (1 - p)) if multi_label else torch.log(p)
-
-
 def _log_loss(scores: Tensor, targets: Tensor, multi_label: bool) -> float:
     if multi_label:
         return F.binary_cross_entropy_with_logits(scores, targets.double()).item()
     return F.cross_entropy(scores, targets.long()).item()
-
-
-def _mix(stacked: Tensor, weights: tuple[float, ...], available: Tensor | None) -> Tensor:
-    """The weighted sum over sources ``(S, N, C)``; per sample, sources not ``available``
-    ``(S, N)`` are left out and the rest renormalised (the first source alone if none is
-    left), as in :class:`~fusionkit.models.unimodal.LateFusionBlend`."""
-    w = torch.tensor(weights, dtype=stacked.dtype)[:, None].expand(-1, stacked.shape[1])
-    if available is not None:
-        w = w * available.to(stacked.dtype)
-        total = w.sum(0, keepdim=True)
-        fallback = torch.zeros_like(w)
-        fallback[0] = 1.0
-        w = torch.where(total > 0, w / total.clamp(min=1e-12), fallback)
-    return (w[:, :, None] * stacked).sum(0)
-
-
-def _available(
-    names: list[str], available: Mapping[str, Tensor] | None, keep: Tensor
-) -> Tensor | None:
-    if available is None:
-        return None
-    rows = [available.get(n, torch.ones_like(keep))[keep] for n in names]
-    return torch.stack([row.bool() for row in rows])
-
-
-def blend_probabilities(
-    sources: Mapping[str, Tensor],
-    weights: Mapping[str, float],
-    multi_label: bool,
-    scale: float = 1.0,
-    available: Mapping[str, Tensor] | None = None,
-) -> Tensor:
-    """Blend sources' probabilities with weights and a scale, as the model's blend does.
-
-    Args:
-        sources: Source → ``(N, C)`` probabilities.
-        weights: Source → weight (e.g. from :func:`fit_blend`).
-        multi_label: Sigmoid task (blend logits) rather than softmax (blend log-probabilities).
-        scale: Inverse temperature of the mixture.
-        available: Source → ``(N,)`` bool, False where a sample lacks that source's modality
-            (left out of its mixture); ``None``: every source everywhere.
-
-    Returns:
-        ``(N, C)`` blended probabilities.
-
-    Examples:
-        >>> p = torch.tensor([[0.8, 0.2]])
-        >>> blend_probabilities({"a": p, "b": p.flip(1)}, {"a": 1.0, "b": 0.0}, False)
-        tensor([[0.8000, 0.2000]], dtype=torch.float64)
-    """
-    names = list(sources)
-    stacked = torch.stack([_log_scores(sources[n], multi_label) for n in names])
-    keep = torch.ones(stacked.shape[1], dtype=torch.bool)
-    mixed = _mix(stacked, tuple(float(weights.get(n, 0.0)) for n in names),
-                 _available(names, available, keep))
-    mixed = scale * mixed
-    return mixed.sigmoid() if multi_label else mixed.softmax(dim=1)
 
 
 def fit_blend(
@@ -154,7 +89,8 @@ def fit_blend(
         spec: The task.
         steps: Grid resolution over the simplex.
         scales: The scales to try.
-        available: Source → ``(N,)`` bool, as in :func:`blend_probabilities`.
+        available: Source → ``(N,)`` bool, as in
+            :func:`~fusionkit.models.blending.blend_probabilities`.
 
     Returns:
         The :class:`BlendFit`. Ties go to the earlier grid point, so with no labelled sample
@@ -180,12 +116,12 @@ def fit_blend(
     keep = valid_rows(targets)
     if not bool(keep.any()):
         return BlendFit({name: float(i == 0) for i, name in enumerate(names)}, 1.0, float("nan"))
-    stacked = torch.stack([_log_scores(sources[n][keep], spec.multi_label) for n in names])
+    stacked = torch.stack([log_scores(sources[n][keep], spec.multi_label) for n in names])
     labels = targets[keep]
-    mask = _available(names, available, keep)
+    mask = availability(names, available, keep)
     best, best_loss = (None, 1.0), float("inf")
     for weights in simplex_grid(len(names), steps):
-        mixed = _mix(stacked, weights, mask)
+        mixed = mix_sources(stacked, weights, mask)
         for scale in scales:
             loss = _log_loss(scale * mixed, labels, spec.multi_label)
             if loss < best_loss - 1e-12:

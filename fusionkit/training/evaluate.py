@@ -26,6 +26,8 @@ from fusionkit.device import autocast, inference_dtype, resolve_device
 from fusionkit.errors import ConfigError, DataError
 from fusionkit.io import read_yaml, write_json
 from fusionkit.models import CMACLIP
+from fusionkit.models.members import MemberBlend, members_run
+from fusionkit.models.unimodal import FUSED
 from fusionkit.runs import (
     CONFIG_FILE,
     report_path,
@@ -40,12 +42,15 @@ from fusionkit.training.cache import batch_tokens
 
 __all__ = [
     "EvalOutputs",
+    "blend_member_outputs",
+    "checkpoint_outputs",
     "collect_outputs",
     "compute_report",
     "evaluate_checkpoint",
     "format_report",
     "forward_batch",
     "fusion_warnings",
+    "member_sources",
 ]
 
 def forward_batch(model: Any, batch: Any, device: torch.device | str) -> Any:
@@ -343,14 +348,15 @@ def format_report(report: Mapping[str, Any]) -> str:
     sourced = {t: r for t, r in report["tasks"].items() if r.get("sources")}
     if sourced:
         names = list(next(iter(sourced.values()))["sources"])
-        header = ["task", "model", *[f"{n} head" for n in names], "blend"]
+        kind = "model" if report.get("members") else "head"
+        header = ["task", "model", *[f"{n} {kind}" for n in names], "blend"]
         lines = []
         for task, row in sourced.items():
             weights = {n: w for n, w in row.get("blend", {}).items() if n != "scale"}
             blend = " ".join(f"{n}={w:.1f}" for n, w in weights.items())
             cells = [cell(row["sources"].get(n)) for n in names]
             lines.append([task, cell(row["accuracy"]), *cells, blend])
-        render += ["", "accuracy of the model against each of its heads alone:"]
+        render += ["", f"accuracy of the model against each of its {kind}s alone:"]
         render += _table(header, lines)
     render += [f"warning: {w}" for w in report.get("warnings", [])]
     return "\n".join(render)
@@ -375,10 +381,14 @@ def evaluate_checkpoint(
     """Evaluate a checkpoint on a manifest and write ``report.json``.
 
     The model runs in its run's precision (``train.precision``, see :func:`inference_dtype`),
-    CNN backbones in ``channels_last`` on CUDA, batches from pinned memory on CUDA.
+    CNN backbones in ``channels_last`` on CUDA, batches from pinned memory on CUDA. A run
+    folder trained with ``train.unimodal_models`` is evaluated as the blend of its fused and
+    unimodal models (see :mod:`fusionkit.training.members`); the report then gives each
+    model alone beside the blend, and no loss.
 
     Args:
-        checkpoint: A checkpoint folder (``run/best``) or a run folder (its ``best/`` is used).
+        checkpoint: A checkpoint folder (``run/best``) or a run folder (its ``best/`` is used,
+            or its member blend).
         data: Manifest to evaluate on; default the config's ``data.test`` (else ``data.val``).
         precisions: Precisions for recall-at-precision.
         batch_size: Batch size (default the config's ``data.eval_batch_size``).
@@ -390,23 +400,77 @@ def evaluate_checkpoint(
         The report, with ``checkpoint``, ``data``, ``precision`` and ``report_path`` added.
 
     Raises:
-        CheckpointError: The checkpoint cannot be loaded.
+        CheckpointError: The checkpoint (or a member of its blend) cannot be loaded.
         ConfigError: No data set given and none in the config.
         DataError: The manifest cannot be read or has no usable sample.
 
     Examples:
         >>> report = evaluate_checkpoint("runs/quickstart")  # doctest: +SKIP
     """
-    folder = resolve_run_dir(checkpoint)
-    dev = resolve_device(device)
-    model = CMACLIP.from_pretrained(folder, map_location=dev)
-    apply_channels_last(model, "auto", dev)
+    run = members_run(checkpoint)
+    blend = MemberBlend.load(run) if run is not None else None
+    folders = {FUSED: resolve_run_dir(checkpoint)} if blend is None else blend.folders(run)
+    folder = folders[FUSED]
     precision = precision or run_precision(folder)
-    dtype = inference_dtype(precision, dev)
     data_cfg = _run_data_config(folder)
     manifest = data if data is not None else (data_cfg.test or data_cfg.val)
     if manifest is None:
         raise ConfigError("no data to evaluate on: pass --data or set data.test in the config")
+    dev = resolve_device(device)
+    results = {
+        name: checkpoint_outputs(member, manifest, batch_size=batch_size, device=dev,
+                                 precision=precision)
+        for name, member in folders.items()
+    }
+    model, outputs, skipped = results[FUSED]
+    if blend is not None:
+        outputs = blend_member_outputs(blend, {n: r[1] for n, r in results.items()}, model.tasks)
+    report = compute_report(outputs, model.tasks, model.modalities, precisions)
+    if blend is not None:
+        report["members"] = {name: str(member) for name, member in folders.items()}
+    report = {"checkpoint": str(folder if blend is None else run), "data": str(manifest),
+              "precision": precision, **report}
+    report["skipped_rows"] = skipped
+    target = Path(output) if output is not None else report_path(folder)
+    write_json(target, report)
+    report["report_path"] = str(target)
+    return report
+
+
+def checkpoint_outputs(
+    checkpoint: str | os.PathLike[str],
+    manifest: str | os.PathLike[str],
+    *,
+    batch_size: int | None = None,
+    device: torch.device | str = "cpu",
+    precision: str | None = None,
+) -> tuple[Any, EvalOutputs, dict[str, int]]:
+    """Load a checkpoint and run it over a manifest.
+
+    Args:
+        checkpoint: A checkpoint folder or a run folder (its ``best/``).
+        manifest: The data.
+        batch_size: Batch size (default the run's ``data.eval_batch_size``).
+        device: Where to run.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``; default the run's.
+
+    Returns:
+        ``(model, outputs, skipped)``: the loaded model, its :class:`EvalOutputs`, and the
+        manifest rows skipped per reason.
+
+    Raises:
+        CheckpointError: The checkpoint cannot be loaded.
+        DataError: The manifest cannot be read or has no usable sample.
+
+    Examples:
+        >>> model, outputs, _ = checkpoint_outputs("runs/x/best", "val.csv")  # doctest: +SKIP
+    """
+    folder = resolve_run_dir(checkpoint)
+    dev = torch.device(device)
+    model = CMACLIP.from_pretrained(folder, map_location=dev)
+    apply_channels_last(model, "auto", dev)
+    dtype = inference_dtype(precision or run_precision(folder), dev)
+    data_cfg = _run_data_config(folder)
     image_configs = input_image_configs(model)
     transforms = {name: build_image_transform(c) for name, c in image_configs.items()}
     image_shape = {name: tuple(c["input_size"]) for name, c in image_configs.items()}
@@ -421,15 +485,67 @@ def evaluate_checkpoint(
         collate_fn=make_collate(model.tasks, image_shape, inputs=model.config.inputs),
         **loader_options(data_cfg.num_workers, dev.type == "cuda"),
     )
-    outputs = collect_outputs(model, loader, dev, amp=dtype)
-    report = compute_report(outputs, model.tasks, model.modalities, precisions)
-    report = {"checkpoint": str(folder), "data": str(manifest), "precision": precision,
-              **report}
-    report["skipped_rows"] = dict(dataset.skipped)
-    target = Path(output) if output is not None else report_path(folder)
-    write_json(target, report)
-    report["report_path"] = str(target)
-    return report
+    return model, collect_outputs(model, loader, dev, amp=dtype), dict(dataset.skipped)
+
+
+def member_sources(
+    outputs: Mapping[str, EvalOutputs],
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, Tensor]]:
+    """The members' scores in the fused model's sample order, and where each is available.
+
+    Args:
+        outputs: Source (``fused``, then each unimodal model's modality) → its outputs on
+            one data set. A sample that a member skipped (or whose modality the fused model
+            saw missing) is unavailable to that member.
+
+    Returns:
+        ``(scores, available)``: source → task → ``(N, C)``, and source → ``(N,)`` bool.
+    """
+    main = outputs[FUSED]
+    scores = {FUSED: main.scores}
+    available = {FUSED: torch.ones(len(main.ids), dtype=torch.bool)}
+    for name, other in outputs.items():
+        if name == FUSED:
+            continue
+        rows = {sample: k for k, sample in enumerate(other.ids)}
+        index = torch.tensor([rows.get(sample, -1) for sample in main.ids], dtype=torch.long)
+        found = index >= 0
+        scores[name] = {
+            task: torch.where(found[:, None], values[index.clamp(min=0)], 0.0)
+            for task, values in other.scores.items()
+        }
+        present = main.present.get(name)
+        available[name] = found if present is None else found & present.bool()
+    return scores, available
+
+
+def blend_member_outputs(
+    blend: MemberBlend, outputs: Mapping[str, EvalOutputs], tasks: Mapping[str, TaskSpec]
+) -> EvalOutputs:
+    """The outputs of a member blend: the fused model's, with the blended scores.
+
+    ``sources`` holds each model's own scores and ``blend`` the weights, so the report shows
+    the blend beside every model alone; the loss is not defined (NaN).
+
+    Args:
+        blend: The blend.
+        outputs: Source → that model's outputs on the same data.
+        tasks: Task name → :class:`~fusionkit.tasks.TaskSpec`.
+
+    Returns:
+        The blended :class:`EvalOutputs`.
+    """
+    main = outputs[FUSED]
+    scores, available = member_sources(outputs)
+    blended = {
+        task: blend.probabilities(task, {s: by_task[task] for s, by_task in scores.items()},
+                                  spec.multi_label, available)
+        for task, spec in tasks.items()
+    }
+    return EvalOutputs(
+        blended, main.targets, main.weights, float("nan"), list(main.ids), scores,
+        {t: {**blend.weights[t], "scale": blend.scales[t]} for t in tasks}, main.present,
+    )
 
 
 def _run_data_config(checkpoint: Path) -> DataConfig:

@@ -11,6 +11,9 @@ run folder (laid out by :mod:`fusionkit.runs`):
 - ``val_report.json``: the validation report of ``best/``;
 - ``tensorboard/``: TensorBoard events of every epoch (see :mod:`fusionkit.training.tracking`);
 - ``curves.png``: loss, accuracy and modality weights over the epochs (needs matplotlib);
+- with ``train.unimodal_models``: ``unimodal/text/`` and ``unimodal/image/``, the runs of the
+  unimodal models, ``members.json``, their blend with the fused model, and
+  ``members_val_report.json``, its validation report (see :mod:`fusionkit.training.members`);
 - ``best/`` (the best epoch by ``train.best_metric``) and ``last/``: checkpoints loadable
   with :meth:`~fusionkit.models.CMACLIP.from_pretrained`; ``last/`` also holds the optimizer,
   scheduler and RNG states for ``resume``. Without a validation set (``data.val`` not given: a
@@ -55,6 +58,8 @@ from fusionkit.device import autocast, resolve_device, resolve_precision
 from fusionkit.errors import TrainingError
 from fusionkit.io import atomic_write_text, write_json, write_yaml
 from fusionkit.models import build_model
+from fusionkit.models.members import MEMBERS_DIR
+from fusionkit.models.unimodal import FUSED
 from fusionkit.runs import (
     BEST,
     CONFIG_FILE,
@@ -79,6 +84,13 @@ from fusionkit.training.distributed import (
     sharded_loss,
     shutdown,
 )
+from fusionkit.training.evaluate import (
+    blend_member_outputs,
+    checkpoint_outputs,
+    compute_report,
+    member_sources,
+)
+from fusionkit.training.members import MEMBERS_REPORT_FILE, fit_member_blend, member_configs
 from fusionkit.training.optim import build_optimizer, build_scheduler
 from fusionkit.training.refit import HeadRefit, refit_model_heads
 from fusionkit.training.run_config import build_run_config, check_run_config
@@ -232,9 +244,13 @@ class Trainer:
         self.ctx = init_distributed(self.device)
         self.device = self.ctx.device
         try:
-            return self._fit()
+            result = self._fit()
         finally:
             shutdown(self.ctx)
+        members = member_configs(self.config)
+        if members and result.best_dir.is_dir():
+            self._fit_members(members)
+        return result
 
     def _fit(self) -> TrainResult:
         run = self._setup()
@@ -258,6 +274,32 @@ class Trainer:
         return TrainResult(
             self.output_dir, run.state["history"], best_score, run.sources.cache_stats
         )
+
+    def _fit_members(self, configs: dict[str, RunConfig]) -> None:
+        """Train the unimodal models of ``train.unimodal_models`` (each a run of its own under
+        ``unimodal/``), fit their blend with ``best/`` on val and report it."""
+        for name, config in configs.items():
+            _LOG.info("train.unimodal_models: training the %s-only model", name)
+            Trainer(config, self.output_dir / MEMBERS_DIR / name, resume=self.resume,
+                    progress=self.progress).fit()
+        if not self.ctx.is_main:
+            return
+        folders = {FUSED: BEST, **{n: f"{MEMBERS_DIR}/{n}/{BEST}" for n in configs}}
+        assert self.data.val is not None  # member_configs asks for it
+        outputs = {
+            name: checkpoint_outputs(self.output_dir / folder, self.data.val,
+                                     device=self.device)[1]
+            for name, folder in folders.items()
+        }
+        scores, available = member_sources(outputs)
+        tasks = self.config.tasks
+        blend = fit_member_blend(scores, outputs[FUSED].targets, available, tasks, folders)
+        blend.save(self.output_dir)
+        report = compute_report(blend_member_outputs(blend, outputs, tasks), tasks,
+                                self.config.modalities)
+        report["members"] = folders
+        write_json(self.output_dir / MEMBERS_REPORT_FILE, report)
+        self.val_report = report
 
     def _train_epoch(self, run: _Run, epoch: int) -> None:
         """The optimizer steps of one epoch (from ``state["batch_in_epoch"]`` on a resume)."""

@@ -10,7 +10,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from fusionkit.data.loading import loader_options
-from fusionkit.training.blend import blend_probabilities, fit_blend
+from fusionkit.models.blending import blend_probabilities
+from fusionkit.training.blend import fit_blend
 from fusionkit.training.distributed import DistContext, all_gather_objects
 from fusionkit.training.evaluate import EvalOutputs, collect_outputs, compute_report
 
