@@ -59,9 +59,11 @@ def time_round(work: Path, cores: int) -> dict[str, Any]:
         cores: CPUs the child may use (and its torch threads).
 
     Returns:
-        ``wall_s``, ``epochs``, ``epoch_s`` (each epoch's time in training steps),
-        ``val_accuracy`` (of the kept checkpoint) and ``others_share`` (CPU share used by other
-        processes meanwhile; ``None`` where ``/proc/stat`` is unreadable).
+        ``wall_s``, ``epochs`` and ``epoch_s`` (model → its epochs, and each epoch's time in
+        training steps: the fused model, then the text-only and image-only models the preset
+        trains beside it), ``val_accuracy`` (of the run: the blend of the three),
+        ``fused_val_accuracy`` (of the fused model alone) and ``others_share`` (CPU share used
+        by other processes meanwhile; ``None`` where ``/proc/stat`` is unreadable).
 
     Raises:
         RuntimeError: The command failed (its stderr tail is in the message).
@@ -85,13 +87,21 @@ def time_round(work: Path, cores: int) -> dict[str, Any]:
     if busy_before is not None and busy_after is not None:
         spent = busy_after - busy_before - own
         others = min(1.0, max(0.0, spent / (wall * (os.cpu_count() or 1))))
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    report = json.loads((run / "val_report.json").read_text())
+    models = {"fused": run, **{m: run / "unimodal" / m for m in ("text", "image")}}
+    epochs = {}
+    for name, folder in models.items():
+        if (folder / "metrics.jsonl").is_file():
+            lines = (folder / "metrics.jsonl").read_text().splitlines()
+            epochs[name] = [json.loads(line)["epoch_seconds"] for line in lines]
+    blend = run / "members_val_report.json"
+    report = json.loads((blend if blend.is_file() else run / "val_report.json").read_text())
+    fused = json.loads((run / "val_report.json").read_text())
     return {
         "wall_s": wall,
-        "epochs": len(records),
-        "epoch_s": [r["epoch_seconds"] for r in records],
+        "epochs": {name: len(seconds) for name, seconds in epochs.items()},
+        "epoch_s": epochs,
         "val_accuracy": report["mean"].get("accuracy"),
+        "fused_val_accuracy": fused["mean"].get("accuracy"),
         "others_share": others,
     }
 
@@ -115,29 +125,37 @@ def write_page(rounds: list[dict[str, Any]], cores: int) -> str:
         "",
         "`fusionkit train --train emoji:train --val emoji:val --tasks group`: the default "
         "preset (`medium`: MiniLM fine-tuned, EfficientNet-Lite0 frozen, its tokens cached), "
-        "timed from process start to exit with an empty feature cache, on "
-        f"{cores} CPU cores ({cores} torch threads). The emoji set is built beforehand.",
+        "which trains the fused model, then the text-only and the image-only model, and "
+        "blends the three on val (`train.unimodal_models`), timed from process start to exit "
+        f"with an empty feature cache, on {cores} CPU cores ({cores} torch threads). The "
+        "emoji set is built beforehand.",
         "",
         f"Machine: {os.cpu_count()}-core {platform.machine()} CPU, torch {torch.__version__}, "
         f"Python {platform.python_version()}. `others` is the share of the machine's CPUs "
         "that other processes used during the round: above a few percent, the round was "
-        "slowed down by them. `the rest` is the wall time less the training steps: starting "
-        "Python, loading both encoders, encoding the images into the cache, validating and "
-        "fitting the blend after every epoch, checkpoints, reloading `best/` and its report.",
+        "slowed down by them. `training steps` is the time in the training steps of each "
+        "model, summed over its epochs (fused / text-only / image-only); `the rest` is the "
+        "wall time less those: starting Python, loading the encoders, encoding the images "
+        "into the cache, validating and fitting the heads' blend after every epoch, "
+        "checkpoints, reloading `best/`, and fitting the blend of the three models. `val "
+        "accuracy` is the run's (the blend of the three), then the fused model's alone.",
         "",
         "Command: `python -m benchmarks.default_preset` (or `make bench-preset`).",
         "",
-        "| round | wall | epochs | training steps per epoch (s) | the rest | "
-        "val accuracy | others |",
+        "| round | wall | epochs | training steps (s) | the rest | val accuracy | others |",
         "|---|---|---|---|---|---|---|",
     ]
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.3f}"
+
     for k, r in enumerate(rounds, 1):
         share = "-" if r["others_share"] is None else f"{r['others_share']:.0%}"
-        epochs = ", ".join(f"{s:.0f}" for s in r["epoch_s"])
-        accuracy = "-" if r["val_accuracy"] is None else f"{r['val_accuracy']:.3f}"
-        outside = r["wall_s"] - sum(r["epoch_s"])
-        lines.append(f"| {k} | {r['wall_s']:.0f} s | {r['epochs']} | {epochs} | {outside:.0f} s "
-                     f"| {accuracy} | {share} |")
+        epochs = " / ".join(str(n) for n in r["epochs"].values())
+        steps = " / ".join(f"{sum(s):.0f}" for s in r["epoch_s"].values())
+        outside = r["wall_s"] - sum(sum(s) for s in r["epoch_s"].values())
+        lines.append(f"| {k} | {r['wall_s']:.0f} s | {epochs} | {steps} | {outside:.0f} s "
+                     f"| {fmt(r['val_accuracy'])}; {fmt(r['fused_val_accuracy'])} | {share} |")
     lines += [
         "",
         f"Median wall time: **{median:.0f} s** ({median / 60:.1f} min), {verdict} the budget "

@@ -2,7 +2,11 @@
 
 For each data set, preset and seed this trains, exactly as a new user would:
 
-- ``zero-config``: ``fusionkit train --preset P --train train --val val --tasks T``: no config;
+- ``zero-config``: ``fusionkit train --preset P --train train --val val --tasks T`` (no
+  config): its fused model, then the two models below, blended on val
+  (``train.unimodal_models``); the sweep trains the fused model alone (folder
+  ``zero-config``) and blends it with the text-only and image-only runs, which are the models
+  the command trains (the same configs, checked);
 - ``text_only`` and ``image_only``: the same preset with ``vision: null`` / ``text: null``;
 
 evaluates each on the test split, and adds ``late_fusion``: the text-only and image-only models'
@@ -45,12 +49,20 @@ DATASETS: dict[str, dict[str, Any]] = {
     "icons": {"source": "icons", "tasks": ["context"]},
     "synthetic": {"source": "synthetic", "tasks": None},
 }
-#: Model → the config given with the preset (``None``: no config, the zero-config command).
+#: Model → the config given with the preset. ``zero-config`` is the zero-config command's
+#: fused model: the command then trains the text-only and image-only models below (the same
+#: configs, checked by ``check_members``) and blends the three on val
+#: (``train.unimodal_models``), so the sweep trains each model once and blends them as the
+#: command does (:func:`zero_config`).
 MODELS: dict[str, dict[str, Any] | None] = {
-    "zero-config": None,
+    "zero-config": {"train": {"unimodal_models": False}},
     "text_only": {"vision": None},
     "image_only": {"text": None},
 }
+#: The runs the zero-config command blends (its fused model first).
+MEMBERS = ("zero-config", "text_only", "image_only")
+#: Run → its name among a blend's sources, as in a run's ``members.json``.
+SOURCE_NAMES = {"zero-config": "fused", "text_only": "text", "image_only": "image"}
 BASELINES = ("text_only", "image_only", "late_fusion")
 #: Data set → a shipped config written by hand, and the data set it was written and tuned for
 #: (``--presets tuned``): trained on train with its own schedule, ``best/`` chosen on val like
@@ -214,11 +226,12 @@ def late_fusion(
     import torch
 
     from fusionkit.data import infer_tasks
-    from fusionkit.training.blend import blend_probabilities, fit_blend
+    from fusionkit.models.blending import blend_probabilities
+    from fusionkit.training.blend import fit_blend
 
     specs = infer_tasks(manifests(dataset)["train"], tasks)
-    # A source is named after its model: "text" for text_only, as in the model's own blend.
-    runs = {m.removesuffix("_only"): run_dir(dataset, preset, m, seed) for m in models}
+    # Sources are named as in a run's members.json: "fused", "text", "image".
+    runs = {SOURCE_NAMES.get(m, m): run_dir(dataset, preset, m, seed) for m in models}
     labels = {split: _labels(dataset, split, tasks) for split in ("val", "test")}
     preds = {
         split: {m: {p["id"]: p for p in _predictions(run, split)} for m, run in runs.items()}
@@ -252,6 +265,49 @@ def late_fusion(
         result["weights"][task] = {**fitted.weights, "scale": fitted.scale}
         result["correct"][task] = flags
     return result
+
+
+def zero_config(dataset: str, preset: str, seed: int, tasks: list[str]) -> dict[str, Any]:
+    """The zero-config command of one seed: its fused model blended on val with the text-only
+    and image-only models it trains beside it (``train.unimodal_models``), as
+    :func:`late_fusion` returns it.
+
+    The blend is fit on the runs' saved val predictions (probabilities rounded to 6
+    decimals), with the same :func:`~fusionkit.training.blend.fit_blend` the command runs on
+    its val outputs.
+    """
+    check_members(dataset, preset, seed)
+    return late_fusion(dataset, preset, seed, tasks, MEMBERS)
+
+
+#: A config key that changes how data is loaded, not what is trained (augmentation draws are
+#: seeded per sample): runs of an earlier default (``0``, now ``auto``) still count.
+LOADING_ONLY = "num_workers"
+
+
+def check_members(dataset: str, preset: str, seed: int) -> None:
+    """Check that the text-only and image-only runs are the unimodal models the zero-config
+    command trains: their configs are those of
+    :func:`~fusionkit.training.members.member_configs` of the command's config, but for
+    :data:`LOADING_ONLY`.
+
+    Raises:
+        AssertionError: A run's config differs.
+    """
+    from fusionkit.training import build_run_config
+    from fusionkit.training.members import member_configs
+
+    paths = manifests(dataset)
+    command = build_run_config(train=paths["train"], val=paths["val"],
+                               tasks=DATASETS[dataset]["tasks"], seed=seed, preset=preset)
+    members = member_configs(command)
+    assert members, f"the {preset} preset trains no unimodal models (train.unimodal_models)"
+    for name, config in members.items():
+        run = run_dir(dataset, preset, f"{name}_only", seed)
+        ours, stored = config.to_dict(), build_run_config(run / "config.yaml").to_dict()
+        for raw in (ours, stored):
+            raw["data"].pop(LOADING_ONLY)
+        assert ours == stored, f"{run}: not the {name}-only model of the command"
 
 
 def correct_flags(dataset: str, run: Path, tasks: list[str]) -> dict[str, dict[str, float]]:
@@ -341,31 +397,36 @@ def evaluate_cell(dataset: str, preset: str, seeds: list[int]) -> dict[str, Any]
     """Train (or reuse) every model of one data set and preset; summarise over seeds."""
     from experiments.accuracy_emoji import sign_test
 
-    per_model: dict[str, list[dict[str, Any]]] = {m: [] for m in (*MODELS, "late_fusion")}
+    per_model: dict[str, list[dict[str, Any]]] = {
+        m: [] for m in ("zero-config", "fused_model", "text_only", "image_only", "late_fusion")
+    }
     wins = losses = 0
     for seed in seeds:
         reports = {m: run_model(dataset, preset, m, seed) for m in MODELS}
         tasks = list(reports["zero-config"]["tasks"])
-        fused = late_fusion(dataset, preset, seed, tasks)
         for model, report in reports.items():
-            per_model[model].append({
+            per_model["fused_model" if model == "zero-config" else model].append({
                 "seed": seed,
                 "accuracy": report["mean"]["accuracy"],
                 "train_seconds": report["train_seconds"],
                 "heads": {t: r.get("sources") for t, r in report["tasks"].items()},
                 "blend": {t: r.get("blend") for t, r in report["tasks"].items()},
             })
-        per_model["late_fusion"].append({
-            "seed": seed,
-            "accuracy": statistics.fmean(fused["accuracy"].values()),
-            "weights": fused["weights"],
-        })
+        blends = {"late_fusion": late_fusion(dataset, preset, seed, tasks),
+                  "zero-config": zero_config(dataset, preset, seed, tasks)}
+        for name, blend in blends.items():
+            per_model[name].append({
+                "seed": seed,
+                "accuracy": statistics.fmean(blend["accuracy"].values()),
+                "weights": blend["weights"],
+            })
+        per_model["zero-config"][-1]["train_seconds"] = sum(r["train_seconds"]
+                                                            for r in reports.values())
         flags = {m: correct_flags(dataset, run_dir(dataset, preset, m, seed), tasks)
                  for m in ("text_only", "image_only")}
-        flags["late_fusion"] = fused["correct"]
+        flags["late_fusion"] = blends["late_fusion"]["correct"]
         best = max(BASELINES, key=lambda m: per_model[m][-1]["accuracy"])
-        ours = correct_flags(dataset, run_dir(dataset, preset, "zero-config", seed), tasks)
-        won, lost = paired_counts(ours, flags[best])
+        won, lost = paired_counts(blends["zero-config"]["correct"], flags[best])
         wins, losses = wins + won, losses + lost
     summary = {
         model: {
@@ -393,10 +454,17 @@ def write_report(results: dict[str, dict[str, Any]]) -> None:
         "fusionkit's text-only and image-only models trained with the same preset "
         "(`vision: null` / `text: null`), and the late fusion of those two blended per task "
         "with weights fit on val. Test accuracy (mean over tasks), mean ± sd over seeds. "
-        "`heads` gives the zero-config model's own heads on test: the fused head alone and "
-        "each modality's head alone (the model is their blend, fit on val). Time is the wall "
-        "time of training (`fit`), including the one-off encoding into the feature cache of "
-        "the first run that needs it, on a shared 2-core x86_64 CPU "
+        "The zero-config command trains a fused model, then the very same text-only and "
+        "image-only models (`train.unimodal_models`, same configs and seeds: checked), and "
+        "blends the three per task with weights fit on val; the sweep trains each model once "
+        "and fits that blend on their saved val predictions, so the zero-config model "
+        "contains the late fusion it is compared with. `fused model alone` is the command's "
+        "fused model without the two unimodal models (what the command gave before "
+        "`train.unimodal_models`), and `its heads` that model's own heads on test: the fused "
+        "head alone and each modality's head alone (the fused model is their blend, fit on "
+        "val). Time is the wall time of training the three models (`fit`), including the "
+        "one-off encoding into the feature cache of the first run that needs it, on a shared "
+        "2-core x86_64 CPU "
         f"(Python {platform.python_version()}), which ran two or three such jobs at once: "
         "times vary with that load. Paired: over the same test samples "
         "and seeds, the zero-config model right where the best baseline of that seed is wrong "
@@ -411,14 +479,14 @@ def write_report(results: dict[str, dict[str, Any]]) -> None:
         lines += [f"## {dataset}", "", ABOUT[dataset], ""]
         lines += [
             "| preset | seeds | zero-config | text_only | image_only | late fusion | "
-            "verdict | paired (won / lost, p) | zero-config heads (fused / text / image) | "
-            "train s per zero-config run |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "verdict | paired (won / lost, p) | fused model alone | its heads (fused / text / "
+            "image) | train s per zero-config run |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for preset, summary in by_preset.items():
             if preset == "tuned":
                 continue
-            ours = summary["zero-config"]
+            ours, alone = summary["zero-config"], summary["fused_model"]
             best = max(BASELINES, key=lambda m: summary[m]["mean"])
             verdict = (
                 f"≥ {best}" if ours["mean"] >= summary[best]["mean"] - 1e-9
@@ -428,7 +496,7 @@ def write_report(results: dict[str, dict[str, Any]]) -> None:
             for source in ("fused", "text", "image"):
                 values = [
                     statistics.fmean(h[source] for h in run["heads"].values() if h)
-                    for run in ours["runs"] if all(run["heads"].values())
+                    for run in alone["runs"] if all(run["heads"].values())
                 ]
                 heads.append(_fmt(statistics.fmean(values)) if values else "-")
             seconds = statistics.fmean(r["train_seconds"] for r in ours["runs"])
@@ -440,7 +508,8 @@ def write_report(results: dict[str, dict[str, Any]]) -> None:
             lines.append(
                 f"| {preset} | {len(ours['runs'])} | " + " | ".join(cells)
                 + f" | {verdict} | {paired['wins']} / {paired['losses']}, "
-                f"p = {paired['p']:.2f} | {' / '.join(heads)} | {seconds:.0f} |"
+                f"p = {paired['p']:.2f} | {_fmt(alone['mean'])} ± {_fmt(alone['sd'])} | "
+                f"{' / '.join(heads)} | {seconds:.0f} |"
             )
         lines.append("")
         tuned = by_preset.get("tuned")
@@ -479,7 +548,7 @@ def main(argv: list[str] | None = None) -> None:
                 RESULTS.parent.mkdir(parents=True, exist_ok=True)
                 RESULTS.write_text(json.dumps(results, indent=2))
                 means = (round(summary["mean"], 4) if preset == "tuned" else
-                         {m: round(summary[m]["mean"], 4) for m in (*MODELS, "late_fusion")})
+                         {m: round(s["mean"], 4) for m, s in summary.items() if m != "paired"})
                 print(dataset, preset, means, flush=True)
     write_report(results)
 

@@ -1,14 +1,13 @@
 """Would a late fusion over separately trained models lift the zero-config model?
 
-For every finished seed of the presets sweep (``experiments.accuracy_presets``), this blends
-the zero-config model's probabilities with those of the text-only and the image-only models
-trained with the same preset and seed, per task with weights fit on val
-(`fusionkit.training.blend.fit_blend`, as the late fusion of the presets page), and scores the
-blend on test beside the zero-config model alone and the late fusion of the two unimodal
-models. Nothing is trained: the runs' val and test predictions are read. It is what a
-``fusionkit train`` that also trained the two unimodal models and blended the three on val would
-give, at the cost of training them. Writes ``docs/results/member_blend.md`` and
-``runs/presets/member_blend.json``.
+The measurement that chose ``train.unimodal_models`` for every preset. For every finished seed
+of the presets sweep (``experiments.accuracy_presets``), this blends the zero-config command's
+fused model (what the command trained before ``train.unimodal_models``) with the text-only
+and / or the image-only model trained with the same preset and seed, per task with weights fit
+on val (`fusionkit.training.blend.fit_blend`, as the late fusion of the presets page), and
+scores each blend on test beside the fused model alone and the late fusion of the two unimodal
+models. Nothing is trained: the runs' val and test predictions are read. Writes
+``docs/results/member_blend.md`` and ``runs/presets/member_blend.json``.
 
 Run from the repository root, after the presets sweep::
 
@@ -41,24 +40,24 @@ JSON = ROOT / "member_blend.json"
 #: Blend name → the runs it blends (late fusion is the presets page's baseline).
 BLENDS: dict[str, tuple[str, ...]] = {
     "late_fusion": ("text_only", "image_only"),
-    "zero-config + text_only": ("zero-config", "text_only"),
-    "zero-config + image_only": ("zero-config", "image_only"),
-    "zero-config + both": ("zero-config", "text_only", "image_only"),
+    "fused model + text_only": ("zero-config", "text_only"),
+    "fused model + image_only": ("zero-config", "image_only"),
+    "fused model + both": ("zero-config", "text_only", "image_only"),
 }
 #: The blend compared sample by sample with the best baseline.
-CANDIDATE = "zero-config + both"
+CANDIDATE = "fused model + both"
 
 
 def blend_cell(dataset: str, preset: str, seeds: list[int]) -> dict[str, Any]:
     """Every blend of one data set and preset on test, per seed, and the paired comparison of
     :data:`CANDIDATE` with the best baseline of each seed (the presets page's baselines)."""
     presets = json.loads(RESULTS.read_text())[dataset][preset]
-    rows: dict[str, list[float]] = {"zero-config": [], **{b: [] for b in BLENDS}}
+    rows: dict[str, list[float]] = {"fused model": [], **{b: [] for b in BLENDS}}
     wins = losses = 0
     for seed in seeds:
-        tasks = list(presets["zero-config"]["runs"][0]["heads"])
+        tasks = list(presets["fused_model"]["runs"][0]["heads"])
         ours = correct_flags(dataset, run_dir(dataset, preset, "zero-config", seed), tasks)
-        rows["zero-config"].append(statistics.fmean(
+        rows["fused model"].append(statistics.fmean(
             statistics.fmean(flags.values()) for flags in ours.values()))
         flags: dict[str, dict[str, dict[str, float]]] = {}
         for name, models in BLENDS.items():
@@ -73,7 +72,7 @@ def blend_cell(dataset: str, preset: str, seeds: list[int]) -> dict[str, Any]:
         won, lost = paired_counts(flags[CANDIDATE], flags[best])
         wins, losses = wins + won, losses + lost
     seconds = {m: statistics.fmean(r["train_seconds"] for r in presets[m]["runs"])
-               for m in ("zero-config", "text_only", "image_only")}
+               for m in ("fused_model", "text_only", "image_only")}
     return {
         "seeds": seeds,
         "accuracy": {name: {"runs": values, "mean": statistics.fmean(values),
@@ -91,28 +90,32 @@ def _cell(summary: dict[str, Any]) -> str:
 def write_report(results: dict[str, dict[str, Any]]) -> None:
     """Write ``docs/results/member_blend.md``."""
     lines = [
-        "# A late fusion over the zero-config model and separately trained unimodal models",
+        "# A late fusion over the fused model and separately trained unimodal models",
         "",
-        "For every finished seed of the presets page, the zero-config model's test "
-        "probabilities blended, per task with weights fit on val like the page's late fusion, "
-        "with those of the text-only and / or image-only model trained with the same preset "
-        "and seed. Test accuracy, mean ± sd (population) over seeds; `late fusion` is the "
+        "The measurement that chose `train.unimodal_models` for every preset. For every "
+        "finished seed of the presets page, the test probabilities of the zero-config "
+        "command's fused model (`fused model`: what the command trained before "
+        "`train.unimodal_models`) blended, per task with weights fit on val like the page's "
+        "late fusion, with those of the text-only and / or image-only model trained with the "
+        "same preset and seed. `fused model + both` is what the zero-config command now "
+        "gives. Test accuracy, mean ± sd (population) over seeds; `late fusion` is the "
         "presets page's baseline, the blend of the two unimodal models alone. The blend of all "
-        "three contains that baseline (the same runs, the same seeds), so on val it cannot fit "
-        "worse; the test split says whether that holds out of sample. `verdict` compares it "
+        "three contains that baseline (the same runs, the same seeds), so its val log-loss, "
+        "which the fit minimises, cannot be worse; the test split says whether that holds out "
+        "of sample. `verdict` compares it "
         "with the best of the page's three baselines (text-only, image-only, late fusion); "
         "`paired` counts, over the same test samples and seeds, where it is right and the best "
         "baseline of that seed is wrong (won) and the reverse (lost), with McNemar's exact "
-        "two-sided p. `train s` is the mean wall time of training the zero-config, text-only "
-        "and image-only models (the presets page's, on a shared 2-core CPU): what a command "
-        "that trained all three would cost.",
+        "two-sided p. `train s` is the mean wall time of training the fused, text-only "
+        "and image-only models (the presets page's, on a shared 2-core CPU): what the command "
+        "that trains all three costs.",
         "",
         "Command: `python -m experiments.member_blend` (after `python -m "
         "experiments.accuracy_presets`).",
         "",
-        "| data set | preset | seeds | zero-config | late fusion | zero-config + text_only | "
-        "zero-config + image_only | zero-config + both | verdict | paired (won / lost, p) | "
-        "train s (zero-config + text + image) |",
+        "| data set | preset | seeds | fused model | late fusion | fused model + text_only | "
+        "fused model + image_only | fused model + both | verdict | paired (won / lost, p) | "
+        "train s (fused + text + image) |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dataset, by_preset in results.items():
@@ -125,9 +128,9 @@ def write_report(results: dict[str, dict[str, Any]]) -> None:
             paired = cell["paired"]
             lines.append(
                 f"| {dataset} | {preset} | {len(cell['seeds'])} | "
-                + " | ".join(_cell(acc[n]) for n in ("zero-config", *BLENDS))
+                + " | ".join(_cell(acc[n]) for n in ("fused model", *BLENDS))
                 + f" | {verdict} | {paired['wins']} / {paired['losses']}, p = {paired['p']:.2f}"
-                f" | {seconds['zero-config']:.0f} + {seconds['text_only']:.0f} + "
+                f" | {seconds['fused_model']:.0f} + {seconds['text_only']:.0f} + "
                 f"{seconds['image_only']:.0f} |"
             )
     OUT.write_text("\n".join([*lines, ""]))

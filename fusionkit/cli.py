@@ -291,11 +291,18 @@ def _train(args: argparse.Namespace) -> int:
         what = ("the blend of the best checkpoint and the unimodal models (members.json)"
                 if trainer.val_report.get("members") else "best checkpoint")
         print(f"validation, {what}:\n{format_report(trainer.val_report)}")
+    members = bool(trainer.val_report and trainer.val_report.get("members"))
+    model = "the fused model: " if members else ""
     print(
-        f"trained {len(result.history)} epoch(s); best mean val accuracy "
+        f"{model}trained {len(result.history)} epoch(s); best mean val accuracy "
         f"{result.best_score:.4f}; last {last['val_mean_accuracy']:.4f}"
     )
     print(f"checkpoints: {result.best_dir} (best), {result.last_dir} (last)")
+    if members:
+        from fusionkit.models.members import MEMBERS_DIR, MEMBERS_FILE
+
+        print(f"unimodal models: {result.output_dir / MEMBERS_DIR}; the run folder "
+              f"{result.output_dir} predicts as the blend of the three ({MEMBERS_FILE})")
     return 0
 
 

@@ -364,8 +364,10 @@ def test_cli_train_with_a_preset_prints_the_model_against_its_heads(catalogue, t
                  "--output", str(tmp_path / "run")])
     out = capsys.readouterr().out
     assert code == 0
-    assert "validation, best checkpoint:" in out
-    assert "accuracy of the model against each of its heads alone" in out
+    # The preset trains the unimodal models too and reports their blend with the fused one.
+    assert "validation, the blend of the best checkpoint and the unimodal models" in out
+    assert "accuracy of the model against each of its models alone" in out
+    assert (tmp_path / "run" / "members.json").is_file()
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["unimodal_heads"] == PRESETS["fast"]["unimodal_heads"]
     assert saved["train"]["early_stopping"] == PRESETS["fast"]["train"]["early_stopping"]
@@ -373,4 +375,8 @@ def test_cli_train_with_a_preset_prints_the_model_against_its_heads(catalogue, t
     code = main(["evaluate", "--checkpoint", str(tmp_path / "run"),
                  "--data", str(catalogue["test"])])
     assert code == 0
-    assert "text head" in capsys.readouterr().out
+    assert "text model" in capsys.readouterr().out
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best"),
+                 "--data", str(catalogue["test"])])
+    assert code == 0
+    assert "text head" in capsys.readouterr().out  # best/ is the fused model alone

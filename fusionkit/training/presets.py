@@ -5,14 +5,16 @@ without ``--config`` uses :data:`DEFAULT_PRESET`; with a config, ``--preset`` fi
 config leaves out (the config wins, key by key). Every preset trains CMA-CLIP with unimodal
 heads (a head per modality beside the fused one, see `fusionkit.models.unimodal`), blends the
 fused and unimodal heads on validation data after every epoch, keeps the epoch whose blended
-model has the highest validation accuracy and stops when it has not improved for 3 epochs, so
-that a fused model does not end below its best single modality. The presets differ in what
-they fine-tune:
+model has the highest validation accuracy and stops when it has not improved for 3 epochs.
+Then it trains a text-only and an image-only model with the same recipe and blends the three
+on validation data (``train.unimodal_models``, see `fusionkit.training.members`), so that the
+result does not end below its best single modality nor below their late fusion. The presets
+differ in what they fine-tune:
 
 | preset | encoders | cost |
 |---|---|---|
 | ``fast`` | both frozen: tokens encoded once into the feature cache | minutes on a CPU |
-| ``medium`` (default) | text encoder fine-tuned, image tokens cached | about 2-4x ``fast`` |
+| ``medium`` (default) | text encoder fine-tuned, image tokens cached | about 3-4x ``fast`` |
 | ``best`` | both encoders fine-tuned, images augmented | a GPU is advised |
 
 Their accuracy and time on the real sets are in ``docs/results/presets.md``.
@@ -52,6 +54,7 @@ _SHARED: dict[str, Any] = {
         "lr_backbone": 5.0e-5,
         "best_metric": "accuracy",
         "early_stopping": 3,
+        "unimodal_models": True,
     },
 }
 
