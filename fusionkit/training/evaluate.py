@@ -411,20 +411,21 @@ def evaluate_checkpoint(
     blend = MemberBlend.load(run) if run is not None else None
     folders = {FUSED: resolve_run_dir(checkpoint)} if blend is None else blend.folders(run)
     folder = folders[FUSED]
+    dev = resolve_device(device)
+    models = {name: _load(member, dev) for name, member in folders.items()}
     precision = precision or run_precision(folder)
     data_cfg = _run_data_config(folder)
     manifest = data if data is not None else (data_cfg.test or data_cfg.val)
     if manifest is None:
         raise ConfigError("no data to evaluate on: pass --data or set data.test in the config")
-    dev = resolve_device(device)
     results = {
-        name: checkpoint_outputs(member, manifest, batch_size=batch_size, device=dev,
-                                 precision=precision)
+        name: _outputs(models[name], member, manifest, batch_size, dev, precision)
         for name, member in folders.items()
     }
-    model, outputs, skipped = results[FUSED]
+    model = models[FUSED]
+    outputs, skipped = results[FUSED]
     if blend is not None:
-        outputs = blend_member_outputs(blend, {n: r[1] for n, r in results.items()}, model.tasks)
+        outputs = blend_member_outputs(blend, {n: r[0] for n, r in results.items()}, model.tasks)
     report = compute_report(outputs, model.tasks, model.modalities, precisions)
     if blend is not None:
         report["members"] = {name: str(member) for name, member in folders.items()}
@@ -467,8 +468,26 @@ def checkpoint_outputs(
     """
     folder = resolve_run_dir(checkpoint)
     dev = torch.device(device)
-    model = CMACLIP.from_pretrained(folder, map_location=dev)
-    apply_channels_last(model, "auto", dev)
+    model = _load(folder, dev)
+    outputs, skipped = _outputs(model, folder, manifest, batch_size, dev, precision)
+    return model, outputs, skipped
+
+
+def _load(folder: Path, device: torch.device) -> Any:
+    model = CMACLIP.from_pretrained(folder, map_location=device)
+    apply_channels_last(model, "auto", device)
+    return model
+
+
+def _outputs(
+    model: Any,
+    folder: Path,
+    manifest: str | os.PathLike[str],
+    batch_size: int | None,
+    dev: torch.device,
+    precision: str | None,
+) -> tuple[EvalOutputs, dict[str, int]]:
+    """``model`` (loaded from ``folder``) over ``manifest``: its outputs and the rows skipped."""
     dtype = inference_dtype(precision or run_precision(folder), dev)
     data_cfg = _run_data_config(folder)
     image_configs = input_image_configs(model)
@@ -485,7 +504,7 @@ def checkpoint_outputs(
         collate_fn=make_collate(model.tasks, image_shape, inputs=model.config.inputs),
         **loader_options(data_cfg.num_workers, dev.type == "cuda"),
     )
-    return model, collect_outputs(model, loader, dev, amp=dtype), dict(dataset.skipped)
+    return collect_outputs(model, loader, dev, amp=dtype), dict(dataset.skipped)
 
 
 def member_sources(
