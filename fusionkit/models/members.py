@@ -33,7 +33,7 @@ from torch import Tensor
 
 from fusionkit.errors import CheckpointError
 from fusionkit.io import write_json
-from fusionkit.models.blending import blend_logits, blend_probabilities
+from fusionkit.models.blending import blend_logits
 from fusionkit.models.unimodal import FUSED
 
 __all__ = ["MEMBERS_DIR", "MEMBERS_FILE", "MemberBlend", "members_run"]
@@ -98,14 +98,15 @@ class MemberBlend:
         """Source → its checkpoint folder under the run folder ``run``."""
         return {name: Path(run) / folder for name, folder in self.members.items()}
 
-    def probabilities(
+    def logits(
         self,
         task: str,
         scores: Mapping[str, Tensor],
         multi_label: bool,
         available: Mapping[str, Tensor] | None = None,
     ) -> Tensor:
-        """The blended ``(N, C)`` probabilities of one task.
+        """The blended ``(N, C)`` logits of one task: its probabilities are their softmax (a
+        sigmoid for a multi-label task), as for a model's logits.
 
         Args:
             task: The task.
@@ -114,17 +115,6 @@ class MemberBlend:
             available: Source → ``(N,)`` bool, False where a sample lacks the source's
                 modality (left out of its mixture).
         """
-        return blend_probabilities(scores, self.weights[task], multi_label, self.scales[task],
-                                   available).float()
-
-    def logits(
-        self,
-        task: str,
-        scores: Mapping[str, Tensor],
-        multi_label: bool,
-        available: Mapping[str, Tensor] | None = None,
-    ) -> Tensor:
-        """The blend of :meth:`probabilities` before its softmax (or sigmoid): ``(N, C)``."""
         return blend_logits(scores, self.weights[task], multi_label, self.scales[task],
                             available).float()
 

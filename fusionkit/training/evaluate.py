@@ -556,11 +556,11 @@ def blend_member_outputs(
     """
     main = outputs[FUSED]
     scores, available = member_sources(outputs)
-    blended = {
-        task: blend.probabilities(task, {s: by_task[task] for s, by_task in scores.items()},
-                                  spec.multi_label, available)
-        for task, spec in tasks.items()
-    }
+    blended = {}
+    for task, spec in tasks.items():
+        logits = blend.logits(task, {s: by_task[task] for s, by_task in scores.items()},
+                              spec.multi_label, available)
+        blended[task] = logits.sigmoid() if spec.multi_label else logits.softmax(dim=1)
     return EvalOutputs(
         blended, main.targets, main.weights, float("nan"), list(main.ids), scores,
         {t: {**blend.weights[t], "scale": blend.scales[t]} for t in tasks}, main.present,
