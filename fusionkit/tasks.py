@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fusionkit.errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 __all__ = ["MISSING_LABEL", "MULTI_LABEL_THRESHOLD", "TaskSpec", "parse_tasks"]
 
@@ -76,6 +79,17 @@ class TaskSpec:
         return (
             self.classes if self.classes is not None else tuple(map(str, range(self.num_classes)))
         )
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """The class probabilities of ``(N, C)`` logits: a sigmoid per class for a multi-label
+        task, a softmax over the classes otherwise.
+
+        Examples:
+            >>> import torch
+            >>> TaskSpec(2, multi_label=True).probabilities(torch.zeros(1, 2))
+            tensor([[0.5000, 0.5000]])
+        """
+        return logits.sigmoid() if self.multi_label else logits.softmax(dim=-1)
 
     def to_dict(self) -> dict[str, Any]:
         """A plain dict that `parse_tasks` reads back."""

@@ -17,9 +17,8 @@ from torch import Tensor
 
 __all__ = ["availability", "blend_logits", "blend_probabilities", "log_scores", "mix_sources"]
 
+#: Probabilities are clipped to ``[EPS, 1 - EPS]`` before their logarithm.
 EPS = 1e-6
-
-
 
 
 def log_scores(probabilities: Tensor, multi_label: bool) -> Tensor:
@@ -121,5 +120,5 @@ def blend_logits(
     stacked = torch.stack([log_scores(sources[n], multi_label) for n in names])
     keep = torch.ones(stacked.shape[1], dtype=torch.bool)
     mixed = mix_sources(stacked, tuple(float(weights.get(n, 0.0)) for n in names),
-                 availability(names, available, keep))
+                        availability(names, available, keep))
     return scale * mixed

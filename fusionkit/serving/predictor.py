@@ -356,7 +356,7 @@ class MemberPredictor(Predictor):
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         output = self.model(inputs=values, present=present)
         count = next(iter(output.logits.values())).shape[0]
-        scores = {FUSED: {t: self._probabilities(t, x) for t, x in output.logits.items()}}
+        scores = {FUSED: self._probabilities(output.logits)}
         available = {FUSED: torch.ones(count, dtype=torch.bool)}
         for name, member in self.members.items():
             seen = output.present.get(name)
@@ -366,7 +366,7 @@ class MemberPredictor(Predictor):
                 continue
             flags = {name: present[name]} if name in present else None
             logits = member.model(inputs={name: values[name]}, present=flags).logits
-            scores[name] = {t: self._probabilities(t, x) for t, x in logits.items()}
+            scores[name] = self._probabilities(logits)
             available[name] = seen.cpu()
         blended = {
             task: self.blend.logits(task, {s: by_task[task] for s, by_task in scores.items()},
@@ -375,6 +375,6 @@ class MemberPredictor(Predictor):
         }
         return blended, output.modality_weights
 
-    def _probabilities(self, task: str, logits: torch.Tensor) -> torch.Tensor:
-        logits = logits.float().cpu()
-        return logits.sigmoid() if self.model.tasks[task].multi_label else logits.softmax(1)
+    def _probabilities(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Task → class probabilities (float32, on the CPU) of task → logits."""
+        return {t: self.model.tasks[t].probabilities(x.float().cpu()) for t, x in logits.items()}

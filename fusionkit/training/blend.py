@@ -45,6 +45,7 @@ class BlendFit(NamedTuple):
     scale: float
     log_loss: float
 
+
 def simplex_grid(sources: int, steps: int) -> Iterator[tuple[float, ...]]:
     """Every weight vector of ``sources`` non-negative multiples of ``1/steps`` summing to 1.
 

@@ -180,7 +180,7 @@ def _blend_row(blend: Any, task: str) -> dict[str, float]:
 
 def _probabilities(logits: Tensor, model: Any, task: str) -> Tensor:
     logits = logits.float()
-    return (logits.sigmoid() if model.tasks[task].multi_label else logits.softmax(dim=1)).cpu()
+    return model.tasks[task].probabilities(logits).cpu()
 
 
 def _clean(value: float) -> float | None:
@@ -560,7 +560,7 @@ def blend_member_outputs(
     for task, spec in tasks.items():
         logits = blend.logits(task, {s: by_task[task] for s, by_task in scores.items()},
                               spec.multi_label, available)
-        blended[task] = logits.sigmoid() if spec.multi_label else logits.softmax(dim=1)
+        blended[task] = spec.probabilities(logits)
     return EvalOutputs(
         blended, main.targets, main.weights, float("nan"), list(main.ids), scores,
         {t: {**blend.weights[t], "scale": blend.scales[t]} for t in tasks}, main.present,
